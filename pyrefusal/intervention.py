@@ -1,0 +1,169 @@
+"""Interventions on the residual stream, as values: what to do, not how.
+
+An :class:`Intervention` is a spec (directions, layers, coefficients) that can be saved in
+a run and turned into a hook plan for a :class:`~pyrefusal.backend.Runtime` by
+:func:`arm`. The conditions of the paper are built by :func:`baseline`, :func:`ablation`,
+:func:`actadd` and :func:`harm_ablation`.
+
+Semantics (Arditi et al. 2024; Wang et al. 2025, method.md §5):
+    * Directional ablation ``x <- x - (x.r̂) r̂`` of every write into the residual stream at
+      every layer and token: the embeddings, the attention output and the MLP output of each
+      block. For pre-norm blocks this equals ablating the residual stream after each write,
+      which is what the hook does (nodes ``embd``, ``ffn_inp-il``, ``l_out-il``).
+    * Activation addition ``x <- x + a*r`` at the input of block ``layer``, every token.
+    * The paper's ``harm_ablation`` = ablation everywhere + ``+1*r`` at the input of the
+      selected block, where the addition survives through that block (its attention and MLP
+      outputs are ablated, not the stream) and is removed at the next block's input. The hook
+      reproduces that by re-adding ``r`` after ablating the stream inside that block.
+
+Imports only NumPy and :mod:`pyrefusal.backend` types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pyrefusal.backend import PlanEntry, ResidualNodes
+from pyrefusal.errors import HookError
+
+
+def orthonormalize(directions: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (rows) of the span of ``directions``.
+
+    Args:
+        directions: ``(n_embd,)`` or ``(k, n_embd)``.
+
+    Returns:
+        float32 ``(k', n_embd)`` with orthonormal rows (k' = rank).
+
+    Raises:
+        HookError: a zero or non-finite direction.
+    """
+    d = np.atleast_2d(np.asarray(directions, dtype=np.float64))  # (k, n_embd)
+    if not np.all(np.isfinite(d)):
+        raise HookError("direction contains NaN or inf; recompute it")
+    if np.any(np.linalg.norm(d, axis=1) == 0):
+        raise HookError("a zero direction cannot be ablated; check the direction file")
+    q, r = np.linalg.qr(d.T)  # q: (n_embd, k)
+    keep = np.abs(np.diag(r)) > 1e-10 * np.abs(r).max()
+    return np.ascontiguousarray(q[:, keep].T, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Addition:
+    """Add ``coeff * vector`` to the residual stream entering block ``layer``.
+
+    Attributes:
+        vector: ``(n_embd,)``, raw (its norm matters).
+        layer: block index whose input is steered (``0..n_layer-1``).
+        coeff: scale (the paper's jailbreak ActAdd uses -1, induce-refusal +1).
+        within_block: keep the addition inside block ``layer`` even when the stream is ablated
+            there (the paper's ``harm_ablation`` hook order).
+    """
+
+    vector: np.ndarray
+    layer: int
+    coeff: float = 1.0
+    within_block: bool = False
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A named set of operations on the residual stream.
+
+    Attributes:
+        name: condition name used in results (``baseline``, ``ablation``, ...).
+        ablate: directions to ablate at every layer, ``(k, n_embd)`` or ``(n_embd,)``; None = none.
+        additions: activation additions.
+    """
+
+    name: str
+    ablate: np.ndarray | None = None
+    additions: tuple[Addition, ...] = field(default_factory=tuple)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (no vectors)."""
+        return {
+            "name": self.name,
+            "ablation_directions": 0 if self.ablate is None else int(np.atleast_2d(self.ablate).shape[0]),
+            "additions": [
+                {"layer": a.layer, "coeff": a.coeff, "norm": float(np.linalg.norm(a.vector)), "within_block": a.within_block}
+                for a in self.additions
+            ],
+        }
+
+
+def baseline() -> Intervention:
+    return Intervention("baseline")
+
+
+def ablation(direction: np.ndarray) -> Intervention:
+    """Directional ablation of ``direction`` at every layer and position."""
+    return Intervention("ablation", ablate=np.asarray(direction))
+
+
+def actadd(direction: np.ndarray, layer: int, coeff: float = -1.0) -> Intervention:
+    """Activation addition ``coeff * r`` at the input of block ``layer`` (paper's jailbreak: coeff -1)."""
+    return Intervention("actadd", additions=(Addition(np.asarray(direction), layer, coeff),))
+
+
+def harm_ablation(direction: np.ndarray, layer: int, coeff: float = 1.0) -> Intervention:
+    """The paper's multilingual condition: ablation everywhere + ``+coeff*r`` at block ``layer``."""
+    return Intervention(
+        "harm_ablation",
+        ablate=np.asarray(direction),
+        additions=(Addition(np.asarray(direction), layer, coeff, within_block=True),),
+    )
+
+
+def plan(
+    intervention: Intervention, nodes: ResidualNodes, n_layer: int, n_embd: int
+) -> tuple[dict[str, PlanEntry], np.ndarray | None, list[np.ndarray]]:
+    """Compile an intervention into a hook plan.
+
+    Returns:
+        ``(plan, directions, vectors)``: node name -> PlanEntry; orthonormal float32
+        ``(k, n_embd)`` or None; addition vectors ``(n_embd,)`` (one per steered node, summed).
+
+    Raises:
+        HookError: wrong widths or layers out of range.
+    """
+    entries: dict[str, PlanEntry] = {}
+    dirs = None
+    if intervention.ablate is not None:
+        a = np.atleast_2d(np.asarray(intervention.ablate))
+        if a.shape[1] != n_embd:
+            raise HookError(
+                f"ablation direction has width {a.shape[1]} but the model has n_embd={n_embd}; "
+                "the direction was computed for another model"
+            )
+        dirs = orthonormalize(a)
+        for name in nodes.ablation_nodes(n_layer):
+            entries[name] = PlanEntry(ablate=True)
+    sums: dict[str, np.ndarray] = {}
+    for add in intervention.additions:
+        v = np.asarray(add.vector, dtype=np.float64).reshape(-1)
+        if v.shape[0] != n_embd:
+            raise HookError(f"addition vector has width {v.shape[0]} but the model has n_embd={n_embd}")
+        if not 0 <= add.layer < n_layer:
+            raise HookError(f"addition layer {add.layer} outside 0..{n_layer - 1}")
+        targets = [nodes.block_input(add.layer)]
+        if add.within_block:
+            targets.append(nodes.attn_resid.format(il=add.layer))
+        for t in targets:
+            sums[t] = sums.get(t, np.zeros(n_embd)) + add.coeff * v
+    vectors: list[np.ndarray] = []
+    for name, v in sums.items():
+        prev = entries.get(name, PlanEntry())
+        entries[name] = PlanEntry(ablate=prev.ablate, add_index=len(vectors), capture_layer=prev.capture_layer)
+        vectors.append(v.astype(np.float32))
+    return entries, dirs, vectors
+
+
+def arm(runtime: Any, intervention: Intervention) -> None:
+    """Arm ``runtime``'s hook with ``intervention`` (replaces any previous plan)."""
+    entries, dirs, vectors = plan(intervention, runtime.nodes, runtime.n_layer, runtime.n_embd)
+    runtime.set_plan(entries, dirs, vectors)
