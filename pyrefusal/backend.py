@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp  # must be imported before numpy/gguf in CUDA processes (see docs)
-import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+import numpy as np
+from typing_extensions import Self
 
 from pyrefusal import _core
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
@@ -57,6 +59,7 @@ def _NULL_LOG(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 # --- architecture node names ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ResidualNodes:
@@ -96,6 +99,7 @@ KNOWN_ARCHITECTURES: dict[str, ResidualNodes] = {
 
 
 # --- model facts ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -196,6 +200,7 @@ class _Batch:
 
 
 # --- the runtime ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PlanEntry:
@@ -303,6 +308,7 @@ class Runtime:
         self.timings = Timings()
         self._graph_names: set[str] | None = None
         self.share_prefix = True
+        self._loras: dict[str, Any] = {}
 
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self.chat_template: str | None = template.decode() if template else None
@@ -322,7 +328,7 @@ class Runtime:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> Runtime:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -527,6 +533,36 @@ class Runtime:
         if rc != 0:
             raise HookError(f"llama_set_adapter_cvec failed with code {rc}")
 
+    def set_lora(self, adapters: Sequence[tuple[str | os.PathLike[str], float]] | None) -> None:
+        """Apply GGUF LoRA adapters in llama.cpp's graph (``[(path, scale), ...]``; ``None`` removes them).
+
+        Loaded adapters are cached per path for the model's lifetime (llama.cpp frees them with
+        the model).
+
+        Raises:
+            ModelError: llama.cpp cannot load an adapter (wrong base model or format).
+        """
+        if not adapters:
+            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+            return
+        handles = []
+        for path, _ in adapters:
+            key = str(Path(path).resolve())
+            if key not in self._loras:
+                h = llama_cpp.llama_adapter_lora_init(self._model, key.encode())
+                if not h:
+                    raise ModelError(
+                        f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}: it must be a GGUF "
+                        "adapter (general.type=adapter) made for this base model's architecture and shapes."
+                    )
+                self._loras[key] = h
+            handles.append(self._loras[key])
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+        scales = (ctypes.c_float * len(handles))(*[float(s) for _, s in adapters])
+        rc = llama_cpp.llama_set_adapters_lora(self._ctx, arr, len(handles), scales)
+        if rc != 0:
+            raise ModelError(f"llama_set_adapters_lora failed with code {rc}")
+
     def clear_plan(self) -> None:
         if self.hook is not None:
             self.hook.clear()
@@ -598,8 +634,12 @@ class Runtime:
                 n = sl.stop - sl.start
                 if self.hook is not None:
                     self.hook.set_capture_rows([-1] * n, [])
-                self._decode(head[sl], np.arange(sl.start, sl.stop, dtype=np.int32), np.zeros(n, np.int32),
-                             np.zeros(n, np.int8))
+                self._decode(
+                    head[sl],
+                    np.arange(sl.start, sl.stop, dtype=np.int32),
+                    np.zeros(n, np.int32),
+                    np.zeros(n, np.int8),
+                )
             for s in range(1, len(members)):
                 llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
             self.timings.prompt_tokens += shared
@@ -731,7 +771,7 @@ class Runtime:
                 hook.set_capture_buffer(len(group) * n_pos, len(layers))
                 self.clear_memory()
                 logits[group] = self._prefill(
-                    prompts, group, [positions] * len(prompts), lambda m, j: local[m] * n_pos + j, final
+                    prompts, group, [positions] * len(prompts), lambda m, j, loc=local: loc[m] * n_pos + j, final
                 )
                 buf = hook.captured()  # (len(group) * n_pos, n_layers_captured, n_embd)
                 acts[group] = buf.reshape(len(group), n_pos, len(layers), self.n_embd)
@@ -747,12 +787,15 @@ class Runtime:
         max_new_tokens: int,
         *,
         progress: Callable[[int], None] | None = None,
+        stop_at_eog: bool = True,
     ) -> list[Generation]:
         """Greedy generation for many prompts, batched (one sequence per prompt per decode).
 
         Each sequence stops at an end-of-generation token (EOS / end of turn) or after
         ``max_new_tokens``. The armed plan applies to prompt and generated tokens alike.
-        ``progress(n)`` is called with the number of sequences finished.
+        ``progress(n)`` is called with the number of sequences finished. ``stop_at_eog=False``
+        generates exactly ``max_new_tokens`` (benchmarks). While generating, a capture plan (if
+        armed) writes the newest token of sequence ``s`` of a group to capture slot ``s``.
         """
         if not prompts:
             raise PyrefusalError("no prompts given; pass at least one prompt")
@@ -774,7 +817,7 @@ class Runtime:
             while True:
                 for s in np.flatnonzero(active):
                     tok = int(nxt[s])
-                    if self.is_eog(tok):
+                    if stop_at_eog and self.is_eog(tok):
                         active[s] = False
                         finish[s] = "eos"
                         continue
@@ -784,6 +827,9 @@ class Runtime:
                 if not active.any():
                     break
                 idx = np.flatnonzero(active)
+                if self.hook is not None:
+                    rows = idx.tolist()
+                    self.hook.set_capture_rows(rows, rows)
                 self._decode(nxt[idx], pos[idx], idx.astype(np.int32), ones[: len(idx)])
                 pos[idx] += 1
                 step = self._logits(len(idx))

@@ -6,12 +6,12 @@ Every option can also be set through the environment with the ``PYREFUSAL_`` pre
 
 from __future__ import annotations
 
-import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
-
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
 
 import click
 
@@ -41,7 +41,9 @@ def doctor() -> None:
 
     info = build_info()
     click.echo(f"pyrefusal            {__version__}")
-    click.echo(f"llama-cpp-python     {info['llama_cpp_python']} (built against {info.get('built_against_llama_cpp_python')})")
+    click.echo(
+        f"llama-cpp-python     {info['llama_cpp_python']} (built against {info.get('built_against_llama_cpp_python')})"
+    )
     click.echo(f"ggml                 {info['ggml_version']} ({info['ggml_commit']})")
     click.echo(f"GPU offload          {'yes' if info['gpu_offload'] else 'no (CPU build of llama.cpp)'}")
     click.echo(f"pyrefusal CUDA kernel {'compiled' if info['cuda_kernel'] else 'not compiled (PYREFUSAL_CUDA=OFF)'}")
@@ -49,10 +51,18 @@ def doctor() -> None:
 
 
 @main.command()
-@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True,
-              help="Registry name, local .gguf path, or hub spec hf://owner/repo/file.gguf.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR",
-              help="Directory in PolyRefuse's released layout (default: the cache filled by `pyrefusal data fetch`).")
+@click.option(
+    "--model",
+    default="qwen2.5-coder-0.5b-instruct-q4_k_m",
+    show_default=True,
+    help="Registry name, local .gguf path, or hub spec hf://owner/repo/file.gguf.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PYREFUSAL_DATA_DIR",
+    help="Directory in PolyRefuse's released layout (default: the cache filled by `pyrefusal data fetch`).",
+)
 @click.option("--source-lang", default="en", show_default=True, help="Language of the train/val prompts.")
 @click.option("--target-langs", default="en,de,zh,ja", show_default=True, help="Comma-separated test languages.")
 @click.option("--n-train", default=32, show_default=True, help="Train prompts per class (paper: 128).")
@@ -60,11 +70,19 @@ def doctor() -> None:
 @click.option("--n-test", default=12, show_default=True, help="Test prompts per class and language (paper: 572).")
 @click.option("--max-new-tokens", default=48, show_default=True, help="Greedy tokens per completion (paper: 512).")
 @click.option("--seed", default=1, show_default=True, help="Sampling seed (paper: 1).")
-@click.option("--conditions", default="baseline,ablation", show_default=True,
-              help="Comma-separated: baseline, ablation, actadd, harm_ablation, random_ablation.")
+@click.option(
+    "--conditions",
+    default="baseline,ablation",
+    show_default=True,
+    help="Comma-separated: baseline, ablation, actadd, harm_ablation, random_ablation.",
+)
 @click.option("--kl-threshold", default=0.2, show_default=True, help="Selection: max KL on harmless val (paper 0.2).")
-@click.option("--steering-filter/--no-steering-filter", default=False, show_default=True,
-              help="Selection: also require steering score >= 0 (Arditi et al.).")
+@click.option(
+    "--steering-filter/--no-steering-filter",
+    default=False,
+    show_default=True,
+    help="Selection: also require steering score >= 0 (Arditi et al.).",
+)
 @click.option("--all-scores", is_flag=True, help="Score KL for every candidate (heatmaps), not only down to the pick.")
 @click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
 @click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
@@ -73,8 +91,13 @@ def doctor() -> None:
 @click.option("--n-seq", default=16, show_default=True, help="Sequences decoded together.")
 @click.option("--n-gpu-layers", default=-1, show_default=True, help="-1 = all when llama.cpp has GPU offload.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default"),
-              show_default=True, help="Run directory (re-running resumes).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/default"),
+    show_default=True,
+    help="Run directory (re-running resumes).",
+)
 @click.option("--force", is_flag=True, help="Discard what --out holds and start over.")
 def run(**kw: Any) -> None:
     """Extract, select and evaluate the refusal direction, end to end (resumable)."""
@@ -83,13 +106,27 @@ def run(**kw: Any) -> None:
     from pyrefusal.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(
-        model=kw["model"], data_dir=str(kw["data_dir"]) if kw["data_dir"] else None, source_lang=kw["source_lang"],
-        target_langs=_csv(kw["target_langs"]), n_train=kw["n_train"], n_val=kw["n_val"], n_test=kw["n_test"],
-        max_new_tokens=kw["max_new_tokens"], seed=kw["seed"], conditions=_csv(kw["conditions"]),
-        filter_train=not kw["no_filter"], filter_val=not kw["no_filter"], kl_threshold=kw["kl_threshold"],
-        steering_filter=kw["steering_filter"], selection_mode="all" if kw["all_scores"] else "lazy",
-        refusal_openings=_csv(kw["refusal_openings"]), system_prompt=kw["system_prompt"], detector=kw["detector"],
-        n_seq_max=kw["n_seq"], n_gpu_layers=kw["n_gpu_layers"], n_threads=kw["threads"],
+        model=kw["model"],
+        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
+        source_lang=kw["source_lang"],
+        target_langs=_csv(kw["target_langs"]),
+        n_train=kw["n_train"],
+        n_val=kw["n_val"],
+        n_test=kw["n_test"],
+        max_new_tokens=kw["max_new_tokens"],
+        seed=kw["seed"],
+        conditions=_csv(kw["conditions"]),
+        filter_train=not kw["no_filter"],
+        filter_val=not kw["no_filter"],
+        kl_threshold=kw["kl_threshold"],
+        steering_filter=kw["steering_filter"],
+        selection_mode="all" if kw["all_scores"] else "lazy",
+        refusal_openings=_csv(kw["refusal_openings"]),
+        system_prompt=kw["system_prompt"],
+        detector=kw["detector"],
+        n_seq_max=kw["n_seq"],
+        n_gpu_layers=kw["n_gpu_layers"],
+        n_threads=kw["threads"],
     )
     bars: dict[str, tqdm] = {}
 
@@ -102,8 +139,9 @@ def run(**kw: Any) -> None:
             bar.close()
 
     try:
-        results = run_pipeline(config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True),
-                               progress=progress)
+        results = run_pipeline(
+            config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True), progress=progress
+        )
     except PyrefusalError as e:
         _fail(e)
         return
@@ -139,6 +177,52 @@ def models_fetch(spec: str) -> None:
         _fail(e)
         return
     click.echo(f"{r.path}  sha256={r.sha256}  source={r.source}")
+
+
+@main.group()
+def data() -> None:
+    """The PolyRefuse dataset: download it, check it."""
+
+
+@data.command("fetch")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PYREFUSAL_DATA_DIR",
+    help="Where to put the files (default: ~/.cache/pyrefusal/polyrefuse).",
+)
+@click.option("--base-url", default=None, help="A mirror (http(s)://, file:// or a directory) instead of GitHub.")
+@click.option("--ref", default="main", show_default=True, help="Git ref of mainlp/Multilingual-Refusal to fetch.")
+@click.option("--no-pools", is_flag=True, help="Skip the full English Alpaca pools (25k prompts, 5 MB).")
+@click.option("--no-verify-hash", is_flag=True, help="Accept (and record) content that differs from the manifest.")
+def data_fetch(data_dir: Path | None, base_url: str | None, ref: str, no_pools: bool, no_verify_hash: bool) -> None:
+    """Download the released PolyRefuse files (resumable, sha256-checked)."""
+    from pyrefusal.data import fetch
+
+    try:
+        report = fetch(data_dir, base_url=base_url, ref=ref, include_pools=not no_pools, verify_hash=not no_verify_hash)
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    d = report.to_dict()
+    click.echo(json.dumps({k: v for k, v in d.items() if k != "files"}, indent=1))
+
+
+@data.command("verify")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
+def data_verify(data_dir: Path | None, as_json: bool) -> None:
+    """Check schema, sizes, duplicates, hashes; list what is present and missing."""
+    from pyrefusal.data import verify
+
+    try:
+        report = verify(data_dir)
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) if as_json else report.to_markdown())
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -269,9 +269,7 @@ def make_manifest(directory: Path | str, *, commit: str = PINNED_COMMIT) -> dict
         )
     released = [f for f in files if f["lang"] is not None and not f["pool"]]
     if not released:
-        raise DataError(
-            f"no PolyRefuse files in {root}; expected names like harmful_train_translated_en.json"
-        )
+        raise DataError(f"no PolyRefuse files in {root}; expected names like harmful_train_translated_en.json")
     counts: dict[str, Counter[int]] = {}
     for f in released:
         counts.setdefault(f"{f['kind']}/{f['split']}", Counter())[f["records"]] += 1
@@ -498,9 +496,7 @@ class _Transient(Exception):
 
 def _resolve_base(base_url: str | None, ref: str) -> str:
     if not ref or any(c.isspace() for c in ref):
-        raise DataError(
-            f"invalid ref {ref!r}; pass a branch, tag or commit such as 'main' or {PINNED_COMMIT[:7]!r}"
-        )
+        raise DataError(f"invalid ref {ref!r}; pass a branch, tag or commit such as 'main' or {PINNED_COMMIT[:7]!r}")
     quoted_ref = urllib.parse.quote(ref, safe="/")
     if base_url is None:
         base = GITHUB_RAW_TEMPLATE.format(ref=quoted_ref)
@@ -537,9 +533,7 @@ def _open(url: str, offset: int, timeout: float) -> Any:
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def _download(
-    urls: Sequence[str], part: Path, timeout: float, on_bytes: Callable[[int], None]
-) -> tuple[str, bool]:
+def _download(urls: Sequence[str], part: Path, timeout: float, on_bytes: Callable[[int], None]) -> tuple[str, bool]:
     """Download the first URL that exists into ``part`` (appending after a 206). Returns (url, resumed)."""
     offset = part.stat().st_size if part.is_file() else 0
     not_found: list[str] = []
@@ -573,9 +567,7 @@ def _download(
                 match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
                 if not match or int(match.group(1)) != offset:
                     part.unlink(missing_ok=True)
-                    raise _Transient(
-                        f"{url}: answered 206 with Content-Range {resp.headers.get('Content-Range')!r}"
-                    )
+                    raise _Transient(f"{url}: answered 206 with Content-Range {resp.headers.get('Content-Range')!r}")
                 resumed, mode = True, "ab"
             length_header = resp.headers.get("Content-Length")
             expected_len = int(length_header) if length_header and length_header.isdigit() else None
@@ -631,9 +623,7 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
         return
     from tqdm import tqdm
 
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="PolyRefuse", file=sys.stderr
-    ) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="PolyRefuse", file=sys.stderr) as bar:
         yield bar.update
 
 
@@ -728,11 +718,7 @@ def _fetch_one(
                 url,
             )
         return result
-    kept = (
-        f" The partial download is kept as {part.name} and the next fetch resumes it."
-        if part.is_file()
-        else ""
-    )
+    kept = f" The partial download is kept as {part.name} and the next fetch resumes it." if part.is_file() else ""
     result.error = f"{entry.name}: failed after {result.attempts} attempt(s): {last_error}.{kept}"
     return result
 
@@ -805,14 +791,10 @@ def fetch(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(
-            f"cannot create the data directory {root} ({exc}); pass a writable --data-dir"
-        ) from exc
+        raise DataError(f"cannot create the data directory {root} ({exc}); pass a writable --data-dir") from exc
 
     record = _read_record(root)
-    report = FetchReport(
-        dest=root, base_url=base, ref=ref, manifest_commit=str(man["commit"]), verify_hash=verify_hash
-    )
+    report = FetchReport(dest=root, base_url=base, ref=ref, manifest_commit=str(man["commit"]), verify_hash=verify_hash)
     to_get = [e for e in entries if not (root / e.name).is_file() or (root / e.name).stat().st_size != e.size]
     with _progress_bar(sum(e.size for e in to_get), progress) as on_bytes:
         for entry in entries:
@@ -961,9 +943,7 @@ class VerifyReport:
         """Human-readable remarks: missing files, accepted hashes, count mismatches, duplicates."""
         out: list[str] = []
         if not self.present:
-            out.append(
-                f"No PolyRefuse file found in {self.root}: run `pyrefusal data fetch` or pass --data-dir."
-            )
+            out.append(f"No PolyRefuse file found in {self.root}: run `pyrefusal data fetch` or pass --data-dir.")
         for f in self.missing:
             if f.note:
                 out.append(f"{f.name} is missing: {f.note}.")
@@ -1125,9 +1105,7 @@ def verify(root: Path | str | None = None, *, manifest: Mapping[str, Any] | None
         for kind in KINDS
         for split in SPLITS
     ]
-    targets += [
-        (f"{EN_POOLS_DIRNAME}/harmless_{s}.json", "en", s, "harmless", True) for s in ("train", "val")
-    ]
+    targets += [(f"{EN_POOLS_DIRNAME}/harmless_{s}.json", "en", s, "harmless", True) for s in ("train", "val")]
 
     report = VerifyReport(root=base, manifest_commit=str(man.get("commit", "")))
     for name, lang, split, kind, pool in targets:
@@ -1182,9 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("manifest", help="build data_manifest.json from a PolyRefuse directory")
     cmd.add_argument("directory", type=Path, help="directory with the PolyRefuse JSON files (and en-pools/)")
-    cmd.add_argument(
-        "--commit", default=PINNED_COMMIT, help="full sha of the upstream commit the files match"
-    )
+    cmd.add_argument("--commit", default=PINNED_COMMIT, help="full sha of the upstream commit the files match")
     cmd.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     args = parser.parse_args(argv)
     try:

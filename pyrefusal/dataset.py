@@ -166,16 +166,12 @@ class Prompt:
         for key in ("text_en", "category"):
             value = data.get(key)
             if value is not None and not isinstance(value, str):
-                raise DataError(
-                    f"saved prompt {fields['id']!r}: key {key!r} must be a string or null, got {value!r}"
-                )
+                raise DataError(f"saved prompt {fields['id']!r}: key {key!r} must be a string or null, got {value!r}")
             fields[key] = value
         if fields["kind"] not in KINDS:
             raise DataError(f"saved prompt {fields['id']!r}: kind {fields['kind']!r} is not one of {KINDS}")
         if fields["split"] not in SPLITS:
-            raise DataError(
-                f"saved prompt {fields['id']!r}: split {fields['split']!r} is not one of {SPLITS}"
-            )
+            raise DataError(f"saved prompt {fields['id']!r}: split {fields['split']!r} is not one of {SPLITS}")
         return cls(**fields)
 
 
@@ -344,9 +340,7 @@ class PolyRefuse:
         """Return the path a file would have (whether or not it exists)."""
         _check_kind_split(split, kind)
         if not _LANG_RE.fullmatch(lang):
-            raise DataError(
-                f"invalid language code {lang!r}; use the code from the file names, e.g. 'de' or 'zh'"
-            )
+            raise DataError(f"invalid language code {lang!r}; use the code from the file names, e.g. 'de' or 'zh'")
         return self.root / file_name(lang, split, kind)
 
     def languages(self) -> list[str]:
@@ -423,9 +417,7 @@ class PolyRefuse:
             raise self._missing_file_error(lang, split, kind)
         records = _read_json_list(path)
         prompts = tuple(
-            _records_to_prompts(
-                path, records, lang=lang, split=split, kind=kind, id_prefix=f"{kind}/{split}/{lang}"
-            )
+            _records_to_prompts(path, records, lang=lang, split=split, kind=kind, id_prefix=f"{kind}/{split}/{lang}")
         )
         self._cache[key] = prompts
         return prompts
@@ -455,9 +447,7 @@ class PolyRefuse:
         base = Path(pool_dir).expanduser() if pool_dir is not None else self.root / EN_POOLS_DIRNAME
         return all((base / f"harmless_{split}.json").is_file() for split in ("train", "val"))
 
-    def load_en_pool(
-        self, split: Literal["train", "val"], pool_dir: Path | str | None = None
-    ) -> list[Prompt]:
+    def load_en_pool(self, split: Literal["train", "val"], pool_dir: Path | str | None = None) -> list[Prompt]:
         """Load a full English Alpaca harmless pool (the paper's English harmless train/val source).
 
         Args:

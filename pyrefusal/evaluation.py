@@ -60,7 +60,7 @@ def generate_completions(
             chunk = prompts[start : start + batch_size]
             gens = runtime.generate([runtime.chat_tokens(p.text, system) for p in chunk], max_new_tokens)
             batch = []
-            for p, g in zip(chunk, gens):
+            for p, g in zip(chunk, gens, strict=True):
                 v = detector.judge(g.text, p.lang)
                 batch.append(
                     Completion(

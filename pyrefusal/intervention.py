@@ -90,7 +90,12 @@ class Intervention:
             "name": self.name,
             "ablation_directions": 0 if self.ablate is None else int(np.atleast_2d(self.ablate).shape[0]),
             "additions": [
-                {"layer": a.layer, "coeff": a.coeff, "norm": float(np.linalg.norm(a.vector)), "within_block": a.within_block}
+                {
+                    "layer": a.layer,
+                    "coeff": a.coeff,
+                    "norm": float(np.linalg.norm(a.vector)),
+                    "within_block": a.within_block,
+                }
                 for a in self.additions
             ],
         }

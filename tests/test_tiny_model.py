@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
+
 import gguf
 import jinja2
-import llama_cpp
 import numpy as np
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -317,9 +318,7 @@ def test_orthogonalize_removes_direction_from_residual_stream(
         np.testing.assert_allclose(again[k], ortho[k], atol=1e-6)
 
 
-def test_orthogonalized_copy_runs_in_llama_cpp(
-    tmp_path: Path, model_file: tuple[Path, dict[str, np.ndarray]]
-) -> None:
+def test_orthogonalized_copy_runs_in_llama_cpp(tmp_path: Path, model_file: tuple[Path, dict[str, np.ndarray]]) -> None:
     """A weight-edited copy written with ``write_tiny_gguf(weights=...)`` is what llama.cpp runs."""
     _, weights = model_file
     spec = TinySpec()

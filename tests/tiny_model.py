@@ -452,9 +452,7 @@ def _block(x: np.ndarray, w: dict[str, np.ndarray], spec: TinySpec, i: int) -> n
     return x + act @ w[p + "ffn_down.weight"].T  # (n, d)
 
 
-def reference_residuals(
-    weights: dict[str, np.ndarray], spec: TinySpec, tokens: list[int] | np.ndarray
-) -> np.ndarray:
+def reference_residuals(weights: dict[str, np.ndarray], spec: TinySpec, tokens: list[int] | np.ndarray) -> np.ndarray:
     """Residual stream of the tiny model, computed in float64 NumPy.
 
     Args:
@@ -477,9 +475,7 @@ def reference_residuals(
     return np.stack(out)
 
 
-def reference_logits(
-    weights: dict[str, np.ndarray], spec: TinySpec, tokens: list[int] | np.ndarray
-) -> np.ndarray:
+def reference_logits(weights: dict[str, np.ndarray], spec: TinySpec, tokens: list[int] | np.ndarray) -> np.ndarray:
     """Logits of the tiny model for every position: (n_tokens, n_vocab), float64."""
     x = reference_residuals(weights, spec, tokens)[-1]  # (n, d)
     w_norm = np.asarray(weights["output_norm.weight"], dtype=np.float64)

@@ -1,0 +1,125 @@
+"""`pyrefusal run` mechanics on the tiny model: outputs, resume, configuration guard, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pyrefusal.cli import main
+from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.pipeline import RunConfig, run_pipeline
+
+
+def _config(model, data, **kw) -> RunConfig:
+    base = {
+        "model": str(model),
+        "data_dir": str(data),
+        "target_langs": ("en", "de"),
+        "n_train": 6,
+        "n_val": 4,
+        "n_test": 3,
+        "max_new_tokens": 6,
+        "kl_threshold": 1e9,
+        "n_ctx": 2048,
+        "n_seq_max": 8,
+        "refusal_openings": ("I",),
+    }
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_path):
+    path, _ = tiny_model
+    out = tmp_path / "run"
+    res = run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
+    for name in (
+        "results.json",
+        "direction.npy",
+        "candidates.npy",
+        "completions.jsonl",
+        "report.md",
+        "selection.json",
+    ):
+        assert (out / name).exists(), name
+    cands = np.load(out / "candidates.npy")
+    assert cands.shape == (5, 3, 64) and cands.dtype == np.float32  # 5 eoi positions, 3 layers, n_embd 64
+    d = res["direction"]
+    np.testing.assert_allclose(
+        np.load(out / "direction.npy"), cands[[-5, -4, -3, -2, -1].index(d["position"]), d["layer"]]
+    )
+    assert set(res["evaluation"]) == {"en", "de"}
+    assert res["evaluation"]["en"]["baseline"]["n"] == 3
+    assert res["model"]["n_layer"] == 3 and len(res["model"]["sha256"]) == 64
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 2 * 3  # langs x conditions x kinds x n_test
+    # resume: a finished run re-run generates nothing new and gives the same numbers
+    again = run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
+    assert (out / "completions.jsonl").read_text().splitlines() == lines
+    assert again["evaluation"] == res["evaluation"]
+    # an interrupted run (half the completions lost) continues where it stopped
+    (out / "completions.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
+    assert len((out / "completions.jsonl").read_text().splitlines()) == len(lines)
+    # another configuration in the same directory is refused, not mixed
+    with pytest.raises(PyrefusalError, match="another configuration"):
+        run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
+
+
+def test_run_errors_are_clear(tiny_model, polyrefuse_dir, tmp_path):
+    path, _ = tiny_model
+    with pytest.raises(DataError, match="no PolyRefuse files"):
+        run_pipeline(_config(path, tmp_path / "empty"), tmp_path / "r1", log=lambda s: None)
+    with pytest.raises(DataError, match="language 'xx'"):
+        run_pipeline(_config(path, polyrefuse_dir, target_langs=("xx",)), tmp_path / "r2", log=lambda s: None)
+    with pytest.raises(PyrefusalError, match="unknown condition"):
+        run_pipeline(_config(path, polyrefuse_dir, conditions=("nope",)), tmp_path / "r3", log=lambda s: None)
+
+
+def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
+    path, _ = tiny_model
+    runner = CliRunner()
+    r = runner.invoke(main, ["doctor"])
+    assert r.exit_code == 0 and "llama-cpp-python" in r.output
+    args = [
+        "run",
+        "--model",
+        str(path),
+        "--data-dir",
+        str(polyrefuse_dir),
+        "--target-langs",
+        "en",
+        "--n-train",
+        "4",
+        "--n-val",
+        "2",
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--kl-threshold",
+        "1e9",
+        "--refusal-openings",
+        "I",
+        "--out",
+        str(tmp_path / "cli"),
+    ]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert res["direction"]["source_lang"] == "en"
+    r = runner.invoke(
+        main,
+        [
+            "run",
+            "--model",
+            str(tmp_path / "missing.gguf"),
+            "--data-dir",
+            str(polyrefuse_dir),
+            "--out",
+            str(tmp_path / "cli2"),
+        ],
+    )
+    assert r.exit_code == 2 and "not found" in r.output
