@@ -177,3 +177,27 @@ def test_wrong_width_and_empty_inputs_are_clear_errors(rt):
         rt.capture([], positions=[-1])
     # the runtime still works after the errors
     assert rt.last_logits([rt.tokenize("ok")]).shape == (1, rt.n_vocab)
+
+
+def test_error_inside_the_graph_is_raised_in_python_and_recoverable(rt):
+    """A plan naming a node that is not on the residual stream fails inside the callback, not with a crash."""
+    assert "ffn_gate-0" in rt.graph_node_names()  # width n_ff (128), not n_embd (64)
+    rt.set_plan({"ffn_gate-0": iv.PlanEntry(ablate=True)}, np.eye(rt.n_embd, dtype=np.float32)[:1])
+    with pytest.raises(HookError, match="width 128"):
+        rt.last_logits([rt.tokenize("hello")])
+    rt.clear_plan()
+    base = rt.last_logits([rt.tokenize("hello")])
+    assert np.all(np.isfinite(base))
+    with pytest.raises(HookError, match="no node"):
+        rt.set_plan({"not_a_node-3": iv.PlanEntry(ablate=True)})
+
+
+def test_hook_counters_and_node_listing(rt):
+    r = _direction(rt.n_embd)
+    rt.hook.reset_stats()
+    iv.arm(rt, iv.ablation(r))
+    rt.last_logits([rt.tokenize("hello world")])
+    rt.clear_plan()
+    s = rt.hook.stats()
+    assert s["observed"] == 1 + 2 * rt.n_layer  # embd + ffn_inp + l_out per layer, one decode
+    assert s["device_nodes"] == 0 and s["rows_ablated"] > 0
