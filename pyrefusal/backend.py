@@ -842,3 +842,62 @@ class Runtime:
                 progress(len(group))
         self.clear_memory()
         return [r for r in results if r is not None]
+
+    def token_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Log-probability of every token given its prefix, under the armed plan (perplexity, scoring).
+
+        Prompts are decoded in groups as :meth:`last_logits` does (no shared-prefix reuse: every
+        position needs its own logits). llama.cpp keeps ``n_vocab`` floats per requested position,
+        so each ``llama_decode`` takes at most ``2**25 / n_vocab`` tokens (~128 MiB of logits;
+        220 tokens for a 152k vocabulary). Log-softmax is taken in float64.
+
+        Args:
+            prompts: token lists, each of at least one token (nothing is added: include BOS
+                yourself when the model expects one).
+
+        Returns:
+            One float64 array ``(n_tokens - 1,)`` per prompt: entry ``i`` is
+            ``log p(prompt[i + 1] | prompt[: i + 1])`` (empty for a one-token prompt).
+
+        Raises:
+            PyrefusalError: no prompts, an empty prompt, or a prompt longer than ``n_ctx``.
+        """
+        if not prompts:
+            raise PyrefusalError("no prompts given; pass at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise PyrefusalError("token_logprobs got an empty prompt; every prompt needs at least one token")
+        step = max(1, min(self.n_batch, (1 << 25) // self.n_vocab))  # tokens per decode
+        out: list[np.ndarray] = [np.empty(0)] * len(prompts)
+        for group in self._groups([len(p) for p in prompts], 0):
+            self.clear_memory()
+            if self.hook is not None:
+                self.hook.set_capture_rows([], [])
+            t0 = time.perf_counter()
+            toks = [np.asarray(prompts[m], dtype=np.int32) for m in group]
+            lengths = [len(t) for t in toks]
+            tok = np.concatenate(toks)  # (n_flat,)
+            pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+            seq = np.concatenate([np.full(n, s, dtype=np.int32) for s, n in enumerate(lengths)])
+            want = np.ones(len(tok), dtype=np.int8)
+            want[np.cumsum(lengths) - 1] = 0  # a sequence's last token predicts nothing we score
+            flat_lp = np.zeros(len(tok), dtype=np.float64)  # flat_lp[j] = log p(tok[j + 1] | ...)
+            for start in range(0, len(tok), step):
+                sl = slice(start, min(start + step, len(tok)))
+                self._decode(tok[sl], pos[sl], seq[sl], want[sl])
+                rows = np.flatnonzero(want[sl]) + start  # flat indices with logits, in output order
+                if not len(rows):
+                    continue
+                logits = self._logits(len(rows))  # (len(rows), n_vocab) float32 view
+                for a in range(0, len(rows), 32):  # float64 in slices: 32 x n_vocab x 8 bytes
+                    x = logits[a : a + 32].astype(np.float64)  # (k, n_vocab)
+                    peak = x.max(axis=1, keepdims=True)
+                    lse = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))  # (k,)
+                    r = rows[a : a + 32]
+                    flat_lp[r] = x[np.arange(len(r)), tok[r + 1]] - lse
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            for s, m in enumerate(group):
+                out[m] = flat_lp[bounds[s] : bounds[s + 1] - 1].copy()
+            self.timings.prompt_tokens += len(tok)
+            self.timings.prompt_seconds += time.perf_counter() - t0
+        self.clear_memory()
+        return out

@@ -1,0 +1,262 @@
+"""Capability side effects of an intervention: first-token KL and held-out perplexity.
+
+Two cheap checks that an intervention removes refusal without damaging the model
+(anchors.md §4: heretic/abliterix report first-token KL, Arditi et al. report CE loss):
+
+* :func:`first_token_kl`: mean ``KL(P_baseline || P_intervention)`` of the next-token
+  distribution at the last position of chat-formatted harmless prompts, with the paper's
+  smoothing (:func:`pyrefusal.selection.kl_divergence`). It is the selection KL (method.md §4.2)
+  measured on prompts of your choice.
+* :func:`perplexity`: ``exp(mean NLL)`` over every predicted token of raw held-out texts (no
+  chat template), computed from :meth:`pyrefusal.backend.Runtime.token_logprobs` under the
+  armed plan.
+
+BOS: each text is tokenised with ``add_special=True``, i.e. the model's own GGUF policy
+(``tokenizer.ggml.add_bos_token``): llama-family models get BOS and then their first text token
+is predicted too; Qwen2.5 GGUFs add no BOS, so their first text token is context only. Texts
+longer than ``max_tokens`` are cut into consecutive windows scored independently (each window
+gets BOS again where the model uses one). The number of predicted tokens is reported.
+
+Held-out text: by default the English harmless *val* prompts of PolyRefuse
+(:func:`heldout_texts`), or a user's UTF-8 text file (passages separated by blank lines). No
+corpus ships with pyrefusal. The harmless val file is also the pool the selection KL samples
+from, so use a text file for a strictly unseen sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pyrefusal.dataset import PolyRefuse
+from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.selection import kl_divergence
+
+__all__ = [
+    "CapabilityReport",
+    "capability_report",
+    "first_token_kl",
+    "heldout_texts",
+    "perplexity",
+    "text_nll",
+]
+
+ArmFn = Callable[[Any], None]
+"""Arms an intervention on a Runtime, e.g. ``lambda rt: intervention.arm(rt, iv.ablation(r))``."""
+
+
+@dataclass(frozen=True)
+class CapabilityReport:
+    """Side-effect metrics of one intervention (saved in results.json).
+
+    Attributes:
+        condition: Name of the intervention measured.
+        n_texts: Held-out texts scored for perplexity.
+        n_tokens: Tokens predicted (the denominator of the mean NLL).
+        baseline_ppl: Perplexity of the unmodified model.
+        intervention_ppl: Perplexity under the intervention.
+        ppl_ratio: ``intervention_ppl / baseline_ppl`` (1.0 = no change).
+        first_token_kl: Mean first-token KL(baseline || intervention) on the harmless prompts.
+        n_kl_prompts: Harmless prompts the KL was averaged over.
+        text_source: Where the texts came from (e.g. ``"polyrefuse:en/val/harmless"``).
+    """
+
+    condition: str
+    n_texts: int
+    n_tokens: int
+    baseline_ppl: float
+    intervention_ppl: float
+    ppl_ratio: float
+    first_token_kl: float
+    n_kl_prompts: int
+    text_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict of the fields."""
+        return asdict(self)
+
+
+def first_token_kl(runtime: Any, harmless_prompts_tokens: Sequence[Sequence[int]], arm_fn: ArmFn) -> float:
+    """Mean KL(baseline || intervention) of the last-position next-token distribution.
+
+    Args:
+        runtime: A :class:`pyrefusal.backend.Runtime`.
+        harmless_prompts_tokens: Chat-formatted prompts (e.g. from ``runtime.chat_tokens``).
+        arm_fn: Called once with ``runtime`` to arm the intervention; the plan is cleared after.
+
+    Returns:
+        The mean over prompts of ``sum_v P(v) (log(P(v)+1e-6) - log(Q(v)+1e-6))`` (method.md
+        §4.2), float. ``arm_fn`` that arms nothing gives exactly 0.0.
+
+    Raises:
+        PyrefusalError: No prompts.
+    """
+    if not harmless_prompts_tokens:
+        raise PyrefusalError("first_token_kl needs at least one harmless prompt")
+    runtime.clear_plan()
+    base = runtime.last_logits(harmless_prompts_tokens)  # (n, n_vocab)
+    arm_fn(runtime)
+    try:
+        new = runtime.last_logits(harmless_prompts_tokens)  # (n, n_vocab)
+    finally:
+        runtime.clear_plan()
+    return float(kl_divergence(base, new).mean())
+
+
+def _bos_prefix(runtime: Any) -> list[int]:
+    """Tokens the model's tokenizer puts before a text (``[BOS]`` or ``[]``), per its GGUF policy."""
+    full = runtime.tokenize("a", add_special=True)
+    body = runtime.tokenize("a", add_special=False)
+    extra = len(full) - len(body)
+    if extra > 0 and full[extra:] == body:
+        return full[:extra]
+    return []  # no BOS (an appended EOS, if any, is not a prefix and is not scored)
+
+
+def _windows(runtime: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token windows of at most ``max_tokens`` tokens (BOS repeated per window when the model uses one)."""
+    if max_tokens < 2:
+        raise PyrefusalError(f"max_tokens must be >= 2 to predict anything; got {max_tokens}")
+    bos = _bos_prefix(runtime)
+    windows: list[list[int]] = []
+    for text in texts:
+        body = runtime.tokenize(text, add_special=False)
+        width = max_tokens - len(bos)
+        for start in range(0, len(body), width):
+            window = bos + body[start : start + width]
+            if len(window) >= 2:
+                windows.append(window)
+    return windows
+
+
+def text_nll(runtime: Any, texts: Sequence[str], *, max_tokens: int = 512) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) and number of predicted tokens of ``texts``.
+
+    Uses the armed plan, so call it after arming an intervention to score under it.
+
+    Args:
+        runtime: A :class:`pyrefusal.backend.Runtime`.
+        texts: Raw texts (no chat template).
+        max_tokens: Longest window scored in one sequence (see the module docstring).
+
+    Returns:
+        ``(total_nll, n_predicted_tokens)``.
+
+    Raises:
+        PyrefusalError: No text yields a token to predict.
+    """
+    windows = _windows(runtime, texts, max_tokens)
+    if not windows:
+        raise PyrefusalError(
+            "no text has a token to predict (empty texts, or one-token texts on a model without BOS); "
+            "pass longer held-out texts"
+        )
+    lps = runtime.token_logprobs(windows)  # list of (n_tokens - 1,) float64
+    total = -float(sum(lp.sum() for lp in lps))
+    return total, int(sum(len(lp) for lp in lps))
+
+
+def perplexity(runtime: Any, texts: list[str], *, max_tokens: int = 512) -> float:
+    """Perplexity ``exp(mean NLL)`` over every predicted token of ``texts`` under the armed plan.
+
+    Args:
+        runtime: A :class:`pyrefusal.backend.Runtime`.
+        texts: Raw held-out texts.
+        max_tokens: Longest window scored in one sequence.
+
+    Returns:
+        The perplexity (float, >= 1 for a proper distribution in practice).
+    """
+    total, n = text_nll(runtime, texts, max_tokens=max_tokens)
+    return math.exp(total / n)
+
+
+def heldout_texts(
+    data_root: Path | str | None = None,
+    *,
+    text_file: Path | str | None = None,
+    n: int | None = None,
+    lang: str = "en",
+) -> tuple[list[str], str]:
+    """Held-out texts for :func:`perplexity`: PolyRefuse harmless val prompts, or a text file.
+
+    Args:
+        data_root: PolyRefuse directory (used when ``text_file`` is None).
+        text_file: UTF-8 text file; passages are separated by blank lines.
+        n: Keep the first ``n`` texts (all when None).
+        lang: Language of the PolyRefuse harmless val file to read.
+
+    Returns:
+        ``(texts, source)`` where ``source`` describes the origin for reports.
+
+    Raises:
+        DataError: Neither source given, the file is unreadable or holds no text.
+    """
+    if text_file is not None:
+        path = Path(text_file).expanduser()
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read held-out text file {path}: {exc}; pass a UTF-8 text file") from exc
+        texts = [" ".join(p.split()) for p in raw.replace("\r\n", "\n").split("\n\n")]
+        texts = [t for t in texts if t]
+        source = f"file:{path.name}"
+    elif data_root is not None:
+        texts = [p.text for p in PolyRefuse(data_root).load(lang, "val", "harmless")]
+        source = f"polyrefuse:{lang}/val/harmless"
+    else:
+        raise DataError("no held-out text: pass a PolyRefuse directory or a text file (--ppl-text)")
+    if n is not None:
+        texts = texts[:n]
+    if not texts:
+        raise DataError(f"held-out text source {source} holds no text; use a non-empty file")
+    return texts, source
+
+
+def capability_report(
+    runtime: Any,
+    texts: Sequence[str],
+    harmless_prompts_tokens: Sequence[Sequence[int]],
+    arm_fn: ArmFn,
+    *,
+    condition: str = "intervention",
+    text_source: str = "",
+    max_tokens: int = 512,
+) -> CapabilityReport:
+    """Measure perplexity (baseline and intervention) and first-token KL for one intervention.
+
+    Args:
+        runtime: A :class:`pyrefusal.backend.Runtime`.
+        texts: Held-out raw texts (see :func:`heldout_texts`).
+        harmless_prompts_tokens: Chat-formatted harmless prompts for the KL.
+        arm_fn: Arms the intervention on ``runtime``.
+        condition: Name recorded in the report.
+        text_source: Origin of ``texts`` recorded in the report.
+        max_tokens: Longest perplexity window.
+
+    Returns:
+        The :class:`CapabilityReport`. The runtime's plan is cleared afterwards.
+    """
+    runtime.clear_plan()
+    base_nll, n_tok = text_nll(runtime, texts, max_tokens=max_tokens)
+    arm_fn(runtime)
+    try:
+        new_nll, _ = text_nll(runtime, texts, max_tokens=max_tokens)
+    finally:
+        runtime.clear_plan()
+    kl = first_token_kl(runtime, harmless_prompts_tokens, arm_fn)
+    base_ppl, new_ppl = math.exp(base_nll / n_tok), math.exp(new_nll / n_tok)
+    return CapabilityReport(
+        condition=condition,
+        n_texts=len(texts),
+        n_tokens=n_tok,
+        baseline_ppl=base_ppl,
+        intervention_ppl=new_ppl,
+        ppl_ratio=new_ppl / base_ppl,
+        first_token_kl=kl,
+        n_kl_prompts=len(harmless_prompts_tokens),
+        text_source=text_source,
+    )
