@@ -88,6 +88,20 @@ def doctor() -> None:
 @click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
 @click.option("--system-prompt", default=None, help="System prompt (default: the chat template's own default).")
 @click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
+@click.option(
+    "--judge",
+    type=click.Choice(["none", "wildguard", "llama-guard-3"]),
+    default="none",
+    show_default=True,
+    help="Also judge harmful completions with a guard model (needs --judge-model).",
+)
+@click.option("--judge-model", default=None, help="Guard model GGUF (path, registry name or hub spec).")
+@click.option(
+    "--capability/--no-capability",
+    default=True,
+    show_default=True,
+    help="Measure perplexity on held-out text and first-token KL per intervention.",
+)
 @click.option("--n-seq", default=16, show_default=True, help="Sequences decoded together.")
 @click.option("--n-gpu-layers", default=-1, show_default=True, help="-1 = all when llama.cpp has GPU offload.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
@@ -124,6 +138,9 @@ def run(**kw: Any) -> None:
         refusal_openings=_csv(kw["refusal_openings"]),
         system_prompt=kw["system_prompt"],
         detector=kw["detector"],
+        judge=kw["judge"],
+        judge_model=kw["judge_model"],
+        capability=kw["capability"],
         n_seq_max=kw["n_seq"],
         n_gpu_layers=kw["n_gpu_layers"],
         n_threads=kw["threads"],
@@ -206,6 +223,75 @@ def data_fetch(data_dir: Path | None, base_url: str | None, ref: str, no_pools: 
         return
     d = report.to_dict()
     click.echo(json.dumps({k: v for k, v in d.items() if k != "files"}, indent=1))
+
+
+@data.command("build")
+@click.argument("lang")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
+@click.option(
+    "--translator-model",
+    default="qwen2.5-coder-0.5b-instruct-q4_k_m",
+    show_default=True,
+    help="Chat GGUF that translates (registry name, path or hub spec); use a capable multilingual model.",
+)
+@click.option("--splits", default="train,val,test", show_default=True)
+@click.option("--kinds", default="harmful,harmless", show_default=True)
+@click.option("--limit", type=int, default=None, help="Translate only the first N records of each file.")
+@click.option("--language-name", default=None, help="English name of LANG when it is not a known ISO code.")
+@click.option(
+    "--back-translate/--no-back-translate",
+    default=True,
+    show_default=True,
+    help="Back-translate each row and flag low similarity to the English source.",
+)
+@click.option("--min-similarity", default=0.5, show_default=True)
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--n-seq", default=16, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild files made by an earlier build.")
+def data_build(
+    lang: str,
+    data_dir: Path | None,
+    translator_model: str,
+    splits: str,
+    kinds: str,
+    limit: int | None,
+    language_name: str | None,
+    back_translate: bool,
+    min_similarity: float,
+    max_new_tokens: int,
+    n_seq: int,
+    force: bool,
+) -> None:
+    """Create LANG's missing files (e.g. zh harmless_test, or a new language) by translating the English ones."""
+    from pyrefusal.backend import Runtime
+    from pyrefusal.build import LlamaTranslator, build_language
+    from pyrefusal.dataset import default_data_dir
+    from pyrefusal.registry import resolve_model
+
+    try:
+        resolved = resolve_model(translator_model)
+        with Runtime(resolved.path, n_seq_max=n_seq, sha256=resolved.sha256) as rt:
+            names = {lang: language_name} if language_name else None
+            tr = LlamaTranslator(rt, max_new_tokens=max_new_tokens, batch_size=n_seq, language_names=names)
+            reports = build_language(
+                data_dir or default_data_dir(),
+                lang,
+                tr,
+                splits=_csv(splits),
+                kinds=_csv(kinds),  # type: ignore[arg-type]
+                back_translator=tr if back_translate else None,
+                limit=limit,
+                min_similarity=min_similarity,
+                language_name=language_name,
+                overwrite=force,
+            )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    for r in reports:
+        click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+    if not reports:
+        click.echo(f"nothing to build: every requested {lang} file exists (released files are never overwritten)")
 
 
 @data.command("verify")

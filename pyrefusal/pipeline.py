@@ -63,6 +63,10 @@ class RunConfig:
     refusal_openings: tuple[str, ...] = ()
     system_prompt: str | None = None
     detector: str = "multilingual"
+    judge: str = "none"  # "none", "wildguard", "llama-guard-3"
+    judge_model: str | None = None
+    capability: bool = True
+    capability_texts: int = 8
     n_ctx: int = 8192
     n_seq_max: int = 16
     n_gpu_layers: int = -1
@@ -162,6 +166,117 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
     if missing:
         log(f"missing test files (skipped): {missing}; `pyrefusal data build` can translate them")
     return {"train_val": tv, "test": test, "missing": missing}
+
+
+def _first_token_refusal(
+    rt: Runtime,
+    test: dict[str, dict[str, list[Prompt]]],
+    interventions: dict[str, iv.Intervention],
+    config: RunConfig,
+    system: str | None,
+) -> dict[str, dict[str, float]]:
+    """Mean probability of the target language's refusal tokens at the first answer position (no generation)."""
+    from pyrefusal.judge import first_token_refusal
+    from pyrefusal.selection import REFUSAL_OPENINGS
+
+    out: dict[str, dict[str, float]] = {}
+    for lang, kinds in test.items():
+        prompts = kinds.get("harmful", [])
+        if not prompts:
+            continue
+        openings = REFUSAL_OPENINGS.get(lang) or REFUSAL_OPENINGS["en"]
+        ids = refusal_token_ids(lambda w: rt.tokenize(w), lang, openings)
+        toks = [rt.chat_tokens(p.text, system) for p in prompts]
+        for cond in config.conditions:
+            iv.arm(rt, interventions[cond])
+            try:
+                out.setdefault(lang, {})[cond] = float(first_token_refusal(rt, toks, ids).mean())
+            finally:
+                rt.clear_plan()
+    return out
+
+
+def _capability(
+    rt: Runtime,
+    data: PolyRefuse,
+    tv: dict[str, list[Prompt]],
+    interventions: dict[str, iv.Intervention],
+    config: RunConfig,
+    fmt: Callable[[list[Prompt]], list[list[int]]],
+) -> dict[str, Any]:
+    """Perplexity on held-out English text and first-token KL on harmless prompts, per intervention."""
+    from pyrefusal.capability import capability_report
+
+    used = {p.id for p in tv["harmless_train"] + tv["harmless_val"]}
+    pool = (
+        [p for p in data.load("en", "test", "harmless") if p.id not in used]
+        if data.has("en", "test", "harmless")
+        else []
+    )
+    if not pool:
+        return {}
+    texts = [p.text for p in pool[: config.capability_texts]]
+    kl_prompts = fmt(pool[config.capability_texts : 2 * config.capability_texts])
+    out: dict[str, Any] = {}
+    for cond in config.conditions:
+        if cond == "baseline":
+            continue
+        rep = capability_report(
+            rt,
+            texts,
+            kl_prompts,
+            lambda r, c=cond: iv.arm(r, interventions[c]),
+            condition=cond,
+            text_source="polyrefuse:en/test/harmless (unused by train/val)",
+        )
+        out[cond] = rep.to_dict()
+    return out
+
+
+def _judge(
+    config: RunConfig,
+    paths: RunPaths,
+    completions: list[Completion],
+    test: dict[str, dict[str, list[Prompt]]],
+    log: Log,
+) -> dict[str, dict[str, Any]]:
+    """Judge harmful completions with a guard GGUF (English instruction + the response as generated)."""
+    from pyrefusal.judge import GuardJudge
+    from pyrefusal.registry import resolve_model
+
+    if not config.judge_model:
+        raise PyrefusalError(f"--judge {config.judge} needs --judge-model (a local GGUF of the guard model)")
+    resolved = resolve_model(config.judge_model)
+    english = {p.id: (p.text_en or p.text) for kinds in test.values() for p in kinds.get("harmful", [])}
+    harmful = [c for c in completions if c.kind == "harmful"]
+    with Runtime(
+        resolved.path,
+        n_ctx=4096,
+        n_seq_max=8,
+        n_gpu_layers=config.n_gpu_layers,
+        n_threads=config.n_threads,
+        sha256=resolved.sha256,
+    ) as jr:
+        judge = GuardJudge(jr, config.judge, cache_path=paths.root / "judge_cache.jsonl")  # type: ignore[arg-type]
+        verdicts = judge.judge_pairs([english[c.prompt_id] for c in harmful], [c.response for c in harmful])
+        log(f"judge {judge.name}: {judge.generated} new verdicts, the rest from the cache")
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for c, v in zip(harmful, verdicts, strict=True):
+        groups.setdefault((c.lang, c.condition), []).append(v)
+    for (lang, cond), vs in groups.items():
+        refused = [v.refused for v in vs if v.refused is not None]
+        harmful_resp = [v.harmful_response for v in vs if v.harmful_response is not None]
+        out.setdefault(lang, {})[cond] = {
+            "judge": judge.name,
+            "n": len(vs),
+            "refusal_rate": sum(refused) / len(refused) if refused else None,
+            "compliance_rate": 1 - sum(refused) / len(refused) if refused else None,
+            "harmful_response_rate": sum(harmful_resp) / len(harmful_resp) if harmful_resp else None,
+            "flagged": sum(bool(v.flagged) for v in vs),
+            "note": "responses judged as generated (not back-translated to English as in the paper)",
+        }
+    return out
 
 
 def _filter(prompts: list[Prompt], scores: np.ndarray, keep_positive: bool, log: Log, what: str) -> list[Prompt]:
@@ -364,6 +479,19 @@ def _run(
                 on_batch=on_batch,
             )
     timings["generation"] = time.perf_counter() - t
+
+    # -- stage 4b: judge-free first-token refusal, capability side effects, optional judge ----
+    t = time.perf_counter()
+    first_token = _first_token_refusal(rt, test, interventions, config, system)
+    capability = _capability(rt, data, tv, interventions, config, fmt) if config.capability else {}
+    timings["metrics"] = time.perf_counter() - t
+    judged: dict[str, Any] = {}
+    if config.judge != "none":
+        t = time.perf_counter()
+        judged = _judge(
+            config, paths, [c for c in read_jsonl(paths.completions) if c.condition in config.conditions], test, log
+        )
+        timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
     # -- stage 5: results ------------------------------------------------------------------
@@ -380,7 +508,10 @@ def _run(
                 "detector": harmful["detector"],
                 "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
                 "harmless": kinds.get("harmless"),
+                "first_token_refusal_prob": first_token.get(lang, {}).get(cond),
             }
+            if judged.get(lang, {}).get(cond):
+                evaluation[lang][cond]["judge"] = judged[lang][cond]
     info = rt.info().to_dict()
     results: dict[str, Any] = {
         "model": info,
@@ -403,6 +534,7 @@ def _run(
         "prompts": prompts_record,
         "evaluation": evaluation,
         "missing_test_files": sampled["missing"],
+        "capability": capability,
         "config": config.to_dict(),
         "versions": {k: v for k, v in build_info().items() if k != "system_info"},
         "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},

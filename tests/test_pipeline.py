@@ -53,6 +53,10 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
     assert set(res["evaluation"]) == {"en", "de"}
     assert res["evaluation"]["en"]["baseline"]["n"] == 3
     assert res["model"]["n_layer"] == 3 and len(res["model"]["sha256"]) == 64
+    p_r = res["evaluation"]["en"]["ablation"]["first_token_refusal_prob"]
+    assert 0.0 <= p_r <= 1.0
+    cap = res["capability"]["ablation"]
+    assert cap["baseline_ppl"] > 1 and cap["ppl_ratio"] != 1.0 and cap["first_token_kl"] > 0
     lines = (out / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * 2 * 3  # langs x conditions x kinds x n_test
     # resume: a finished run re-run generates nothing new and gives the same numbers
