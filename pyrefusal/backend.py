@@ -309,6 +309,8 @@ class Runtime:
         self._graph_names: set[str] | None = None
         self.share_prefix = True
         self._loras: dict[str, Any] = {}
+        self._cvec_on = False
+        self._lora_on = False
 
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self.chat_template: str | None = template.decode() if template else None
@@ -518,7 +520,9 @@ class Runtime:
         tensor for layer 0). ``None`` removes the control vector.
         """
         if vectors is None:
-            llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
+            if self._cvec_on:
+                llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
+                self._cvec_on = False
             return
         if any(not 1 <= il < self.n_layer for il in vectors):
             raise HookError(
@@ -532,6 +536,7 @@ class Runtime:
         rc = llama_cpp.llama_set_adapter_cvec(self._ctx, ptr, data.size, self.n_embd, 1, self.n_layer - 1)
         if rc != 0:
             raise HookError(f"llama_set_adapter_cvec failed with code {rc}")
+        self._cvec_on = True
 
     def set_lora(self, adapters: Sequence[tuple[str | os.PathLike[str], float]] | None) -> None:
         """Apply GGUF LoRA adapters in llama.cpp's graph (``[(path, scale), ...]``; ``None`` removes them).
@@ -543,7 +548,9 @@ class Runtime:
             ModelError: llama.cpp cannot load an adapter (wrong base model or format).
         """
         if not adapters:
-            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+            if self._lora_on:
+                llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+                self._lora_on = False
             return
         handles = []
         for path, _ in adapters:
@@ -562,10 +569,14 @@ class Runtime:
         rc = llama_cpp.llama_set_adapters_lora(self._ctx, arr, len(handles), scales)
         if rc != 0:
             raise ModelError(f"llama_set_adapters_lora failed with code {rc}")
+        self._lora_on = True
 
     def clear_plan(self) -> None:
+        """Remove every intervention: the hook plan, llama.cpp's control vector and LoRA adapters."""
         if self.hook is not None:
             self.hook.clear()
+        self.set_control_vector(None)
+        self.set_lora(None)
 
     # -- decoding ----------------------------------------------------------------------------
 

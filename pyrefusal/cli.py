@@ -102,6 +102,14 @@ def doctor() -> None:
     show_default=True,
     help="Measure perplexity on held-out text and first-token KL per intervention.",
 )
+@click.option(
+    "--steering",
+    type=click.Choice(["auto", "hook", "graph"]),
+    default="auto",
+    show_default=True,
+    help="How interventions are applied in generation: llama.cpp adapters in the graph (LoRA ablation, "
+    "control vector), our hook, or auto (in-graph on a GPU, hook on CPU).",
+)
 @click.option("--n-seq", default=16, show_default=True, help="Sequences decoded together.")
 @click.option("--n-gpu-layers", default=-1, show_default=True, help="-1 = all when llama.cpp has GPU offload.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
@@ -141,6 +149,7 @@ def run(**kw: Any) -> None:
         judge=kw["judge"],
         judge_model=kw["judge_model"],
         capability=kw["capability"],
+        steering=kw["steering"],
         n_seq_max=kw["n_seq"],
         n_gpu_layers=kw["n_gpu_layers"],
         n_threads=kw["threads"],
@@ -194,6 +203,107 @@ def models_fetch(spec: str) -> None:
         _fail(e)
         return
     click.echo(f"{r.path}  sha256={r.sha256}  source={r.source}")
+
+
+@main.group()
+def export() -> None:
+    """Steered models any llama.cpp app can load, from a finished run directory."""
+
+
+def _run_artifacts(run_dir: Path, model: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(resolved model, direction (n_embd,) float32, results) of a finished `pyrefusal run`."""
+    import numpy as np
+
+    from pyrefusal.registry import resolve_model
+
+    results_path, direction_path = run_dir / "results.json", run_dir / "direction.npy"
+    if not results_path.exists() or not direction_path.exists():
+        raise PyrefusalError(f"{run_dir} has no results.json/direction.npy; run `pyrefusal run --out {run_dir}` first")
+    results = json.loads(results_path.read_text())
+    resolved = resolve_model(model or results["model"]["path"])
+    if resolved.sha256 != results["model"]["sha256"]:
+        raise PyrefusalError(
+            f"{resolved.path} (sha256 {resolved.sha256[:12]}) is not the model of {run_dir} "
+            f"({results['model']['sha256'][:12]}); pass --model with the run's model"
+        )
+    return resolved, np.load(direction_path), results
+
+
+def _provenance(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    d = results["direction"]
+    return {
+        "source_language": d["source_lang"],
+        "layer": d["layer"],
+        "position": d["position"],
+        "kl": d["kl"],
+        "base_sha256": results["model"]["sha256"],
+        "base_name": results["model"]["name"],
+        "run_dir": str(run_dir),
+    }
+
+
+@export.command("cvec")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--layer", type=int, default=None, help="Block input to steer (default: the selected layer; >= 2).")
+@click.option(
+    "--coeff",
+    type=float,
+    default=-1.0,
+    show_default=True,
+    help="Scale of the direction: -1 bypasses refusal (paper's ActAdd), +1 induces it.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None) -> None:
+    """Control-vector GGUF (llama.cpp --control-vector): ADDS coeff*r at one layer."""
+    from pyrefusal.export import cvec_layer, export_control_vector
+
+    try:
+        resolved, r, results = _run_artifacts(run_dir, model)
+        block = results["direction"]["layer"] if layer is None else layer
+        il = cvec_layer(block)
+        out = output or run_dir / f"refusal-cvec-L{block}-{coeff:+g}.gguf"
+        prov = {**_provenance(results, run_dir), "coefficient": coeff, "block_input": block}
+        export_control_vector(
+            out,
+            {il: coeff * r},
+            model_hint=results["model"]["name"],
+            provenance=prov,
+            n_layer=results["model"]["n_layer"],
+        )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(f"{out}\nuse: llama-cli -m {resolved.path} --control-vector {out}")
+
+
+@export.command("lora")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--skip-embeddings",
+    is_flag=True,
+    help="Leave the token embeddings out (needed for tied-embedding models; then not exact).",
+)
+@click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None) -> None:
+    """Rank-1 LoRA GGUF (llama.cpp --lora) that ablates the direction on the unchanged quantized base."""
+    from pyrefusal.export import export_ablation_lora
+
+    try:
+        resolved, r, results = _run_artifacts(run_dir, model)
+        out = output or run_dir / "refusal-ablation-lora.gguf"
+        export_ablation_lora(
+            resolved.path,
+            r,
+            out,
+            provenance=_provenance(results, run_dir),
+            embeddings="skip" if skip_embeddings else "auto",
+        )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(f"{out}\nuse: llama-cli -m {resolved.path} --lora {out}")
 
 
 @main.group()

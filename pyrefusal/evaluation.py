@@ -48,12 +48,18 @@ def generate_completions(
     system: str | None = None,
     batch_size: int = 16,
     on_batch: Callable[[list[Completion]], None] | None = None,
+    path: iv.PathChoice = "hook",
+    routes: dict[str, str] | None = None,
 ) -> list[Completion]:
     """Generate greedily for ``prompts`` under ``intervention`` and judge each response.
 
-    ``on_batch`` receives each finished batch (e.g. to append it to a JSONL file).
+    ``on_batch`` receives each finished batch (e.g. to append it to a JSONL file). ``path`` picks
+    hook or in-graph steering (:func:`pyrefusal.intervention.arm`); the path actually used is
+    stored in ``routes[intervention.name]`` when ``routes`` is given.
     """
-    iv.arm(runtime, intervention)
+    used = iv.arm(runtime, intervention, path=path)
+    if routes is not None:
+        routes[intervention.name] = used
     out: list[Completion] = []
     try:
         for start in range(0, len(prompts), batch_size):

@@ -67,6 +67,7 @@ class RunConfig:
     judge_model: str | None = None
     capability: bool = True
     capability_texts: int = 8
+    steering: str = "auto"  # "auto" (in-graph on GPU, hook on CPU), "hook", "graph"
     n_ctx: int = 8192
     n_seq_max: int = 16
     n_gpu_layers: int = -1
@@ -448,6 +449,12 @@ def _run(
         "harm_ablation": iv.harm_ablation(direction, selection.layer),
         "random_ablation": iv.Intervention("random_ablation", ablate=random_like(direction, seed=config.seed)),
     }
+    # The fastest exact path: on a GPU the hook costs a device sync per hooked node, so llama.cpp's
+    # in-graph adapters (LoRA ablation, control vector) win; on CPU the hook costs ~nothing.
+    path = config.steering
+    if path == "auto":
+        path = "auto" if rt.n_gpu_layers > 0 else "hook"
+    routes: dict[str, str] = {}
     done = {(c.prompt_id, c.condition) for c in read_jsonl(paths.completions)}
     t = time.perf_counter()
     test = sampled["test"]
@@ -477,6 +484,8 @@ def _run(
                 system=system,
                 batch_size=config.n_seq_max,
                 on_batch=on_batch,
+                path=path,  # type: ignore[arg-type]
+                routes=routes,
             )
     timings["generation"] = time.perf_counter() - t
 
@@ -533,6 +542,7 @@ def _run(
         },
         "prompts": prompts_record,
         "evaluation": evaluation,
+        "steering": {"requested": config.steering, "used": routes},
         "missing_test_files": sampled["missing"],
         "capability": capability,
         "config": config.to_dict(),

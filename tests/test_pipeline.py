@@ -127,3 +127,43 @@ def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_path):
+    """`pyrefusal export lora|cvec RUN_DIR` files, loaded back through llama.cpp, equal the hook path."""
+    from pyrefusal import intervention as iv
+    from pyrefusal.backend import Runtime
+    from pyrefusal.export import load_control_vector
+
+    path, _ = tiny_model
+    out = tmp_path / "run"
+    res = run_pipeline(_config(path, polyrefuse_dir, target_langs=("en",), capability=False), out, log=lambda s: None)
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", "lora", str(out), "-o", str(tmp_path / "abl.gguf")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        main, ["export", "cvec", str(out), "--layer", "2", "--coeff", "-1", "-o", str(tmp_path / "c.gguf")]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["export", "cvec", str(out), "--layer", "1"])
+    assert r.exit_code == 2 and "block input 1" in r.output  # llama.cpp cannot steer block input 1 with a control vector
+    direction = np.load(out / "direction.npy")
+    assert res["direction"]["norm"] == pytest.approx(float(np.linalg.norm(direction)), rel=1e-5)
+    with Runtime(path, n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
+        toks = [rt.chat_tokens(t) for t in ("How do I pick a lock?", "Write a poem about rain.")]
+        iv.arm(rt, iv.ablation(direction))
+        hook_abl = rt.last_logits(toks)
+        rt.clear_plan()
+        rt.set_lora([(tmp_path / "abl.gguf", 1.0)])
+        lora_abl = rt.last_logits(toks)
+        rt.clear_plan()
+        iv.arm(rt, iv.actadd(direction, layer=2, coeff=-1.0))
+        hook_add = rt.last_logits(toks)
+        rt.clear_plan()
+        rt.set_control_vector(load_control_vector(tmp_path / "c.gguf"))
+        cvec_add = rt.last_logits(toks)
+        rt.clear_plan()
+        base = rt.last_logits(toks)
+    np.testing.assert_allclose(lora_abl, hook_abl, atol=1e-4)
+    np.testing.assert_allclose(cvec_add, hook_add, atol=1e-4)
+    assert np.abs(base - hook_abl).max() > 1e-3  # and the ablation does change the model
