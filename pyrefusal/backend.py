@@ -224,6 +224,8 @@ class Runtime:
         hook: attach the eval callback. ``False`` gives plain llama.cpp (for benchmarks).
         name: display name; sha256: known hash (computed when omitted).
         kv_f32: keep the KV cache in f32 instead of llama.cpp's default f16 (exact comparisons).
+        repack: let llama.cpp repack quantized weights for its CPU GEMM kernels (faster; their
+            results depend slightly on how many rows a matmul has, i.e. on the batch).
 
     Raises:
         ModelError: the file is missing, not a GGUF, or llama.cpp cannot load it.
@@ -242,6 +244,7 @@ class Runtime:
         name: str | None = None,
         sha256: str | None = None,
         kv_f32: bool = False,
+        repack: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -256,6 +259,7 @@ class Runtime:
         if n_gpu_layers < 0:
             n_gpu_layers = 999 if gpu_offload_supported() else 0
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = repack
         self.n_gpu_layers = n_gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:

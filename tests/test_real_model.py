@@ -56,3 +56,24 @@ def test_english_direction_switches_refusal_off_and_random_does_not(default_mode
     assert rnd >= base - 0.15  # a random direction of the same norm does not
     assert res["direction"]["refusal_score"] < res["direction"]["baseline_refusal_score"]
     assert res["direction"]["kl"] <= 0.2
+
+
+def test_batched_greedy_matches_sequential_on_the_quantized_model(default_model, polyrefuse_dir):
+    """Batched = one-at-a-time greedy, up to llama.cpp's batch-shape-dependent quantized kernels.
+
+    On F32 the equality is exact (tests/test_hook.py). On Q4_K_M, llama.cpp's CPU matmuls give
+    last-position logits that depend on how the batch is shaped by up to ~0.5 (measured with and
+    without weight repacking), so greedy paths can part at a near-tie late in a sequence. A
+    batching bug (wrong row <-> sequence mapping) would instead break them from the first token.
+    """
+    import json
+
+    data = json.loads((polyrefuse_dir / "harmful_test_translated_en.json").read_text())
+    with Runtime(default_model.path, n_ctx=4096, n_seq_max=8) as rt:
+        toks = [rt.chat_tokens(d["instruction"]) for d in data[:6]]
+        batched = rt.generate(toks, 24)
+        single = [rt.generate([t], 24)[0] for t in toks]
+    identical = sum(b.tokens == s.tokens for b, s in zip(batched, single, strict=True))
+    assert identical >= 4
+    for b, s in zip(batched, single, strict=True):
+        assert b.tokens[:8] == s.tokens[:8]
