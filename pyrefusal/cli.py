@@ -306,6 +306,114 @@ def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model
     click.echo(f"{out}\nuse: llama-cli -m {resolved.path} --lora {out}")
 
 
+def _steering_options(f: Any) -> Any:
+    for opt in reversed(
+        [
+            click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+            click.option(
+                "--intervention",
+                type=click.Choice(["ablation", "addition"]),
+                default="ablation",
+                show_default=True,
+                help="Ablation (LoRA adapter) or addition (control vector).",
+            ),
+            click.option("--layer", type=int, default=None, help="Block input of the addition (default: the run's)."),
+            click.option("--coeff", type=float, default=-1.0, show_default=True, help="Coefficient of the addition."),
+            click.option("--model", default=None, help="The run's model if it moved (checked by sha256)."),
+            click.option("--allow-inexact", is_flag=True, help="Accept a LoRA without embeddings on tied models."),
+            click.option("--n-ctx", default=4096, show_default=True),
+            click.option("--n-gpu-layers", default=-1, show_default=True),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_steering_options
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+def chat(
+    run_dir: Path,
+    intervention: str,
+    layer: int | None,
+    coeff: float,
+    model: str | None,
+    allow_inexact: bool,
+    n_ctx: int,
+    n_gpu_layers: int,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+) -> None:
+    """Talk to the run's model with its direction applied (streaming; /reset, /quit)."""
+    from pyrefusal.steered import SteeredModel, chat_repl
+
+    try:
+        sm = SteeredModel.from_run(
+            run_dir,
+            intervention=intervention,
+            layer=layer,
+            coeff=coeff,  # type: ignore[arg-type]
+            model_path=model,
+            allow_inexact=allow_inexact,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+        )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(json.dumps(sm.describe(), indent=1, default=str), err=True)
+    chat_repl(sm, system=system, max_tokens=max_tokens, temperature=temperature)
+
+
+@main.command()
+@_steering_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require this bearer token.")
+def serve(
+    run_dir: Path,
+    intervention: str,
+    layer: int | None,
+    coeff: float,
+    model: str | None,
+    allow_inexact: bool,
+    n_ctx: int,
+    n_gpu_layers: int,
+    host: str,
+    port: int,
+    api_key: str | None,
+) -> None:
+    """OpenAI-compatible endpoint (llama-cpp-python's server) for the steered model; needs pyrefusal[serve]."""
+    from pyrefusal.steered import serve as serve_app
+    from pyrefusal.steered import steering_from_run
+
+    try:
+        st = steering_from_run(
+            run_dir,
+            intervention=intervention,
+            layer=layer,
+            coeff=coeff,  # type: ignore[arg-type]
+            model_path=model,
+            allow_inexact=allow_inexact,
+        )
+        serve_app(
+            st.model_path,
+            st.lora_path,
+            control_vector=st.control_vector,
+            host=host,
+            port=port,
+            api_key=api_key,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            describe=st.describe(),
+        )
+    except PyrefusalError as e:
+        _fail(e)
+
+
 @main.group()
 def data() -> None:
     """The PolyRefuse dataset: download it, check it."""

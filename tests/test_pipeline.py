@@ -147,6 +147,9 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["export", "cvec", str(out), "--layer", "1"])
     assert r.exit_code == 2 and "block input 1" in r.output  # llama.cpp cannot steer block input 1 with a control vector
+    r = runner.invoke(main, ["chat", str(out), "--max-tokens", "4"], input="hello\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert '"path": "lora"' in r.output  # the chat model carries the ablation LoRA
     direction = np.load(out / "direction.npy")
     assert res["direction"]["norm"] == pytest.approx(float(np.linalg.norm(direction)), rel=1e-5)
     with Runtime(path, n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
