@@ -306,6 +306,44 @@ def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model
     click.echo(f"{out}\nuse: llama-cli -m {resolved.path} --lora {out}")
 
 
+@export.command("merged")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--out-type", default=None, help="Quantization of the output (default: the base's, tensor by tensor).")
+@click.option("--allow-requantize", is_flag=True, help="Allow --out-type on an already-quantized base.")
+@click.option("--no-validate", is_flag=True, help="Skip comparing the merged model with the hook-ablated base.")
+@click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+def export_merged_cmd(
+    run_dir: Path,
+    output: Path | None,
+    out_type: str | None,
+    allow_requantize: bool,
+    no_validate: bool,
+    model: str | None,
+) -> None:
+    """Orthogonalized full GGUF (writers W <- W - r̂r̂ᵀW), requantized; reports the requantization error."""
+    from pyrefusal.merge import export_merged
+
+    try:
+        resolved, r, results = _run_artifacts(run_dir, model)
+        out = output or run_dir / "refusal-ablated-merged.gguf"
+        report = export_merged(
+            resolved.path,
+            r,
+            out,
+            provenance=_provenance(results, run_dir),
+            out_type=out_type,
+            allow_requantize=allow_requantize,
+            validate=not no_validate,
+            log=lambda s: click.echo(s, err=True),
+        )
+        report.save(out.with_suffix(".report.json"))
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo(json.dumps(report.to_dict(), indent=1, default=str))
+
+
 def _steering_options(f: Any) -> Any:
     for opt in reversed(
         [

@@ -147,6 +147,9 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["export", "cvec", str(out), "--layer", "1"])
     assert r.exit_code == 2 and "block input 1" in r.output  # llama.cpp cannot steer block input 1 with a control vector
+    r = runner.invoke(main, ["export", "merged", str(out), "-o", str(tmp_path / "merged.gguf")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "merged.report.json").exists()
     r = runner.invoke(main, ["chat", str(out), "--max-tokens", "4"], input="hello\n/quit\n")
     assert r.exit_code == 0, r.output
     assert '"path": "lora"' in r.output  # the chat model carries the ablation LoRA
@@ -167,6 +170,9 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
         cvec_add = rt.last_logits(toks)
         rt.clear_plan()
         base = rt.last_logits(toks)
+    with Runtime(tmp_path / "merged.gguf", n_ctx=1024, n_seq_max=4, kv_f32=True) as merged:
+        merged_abl = merged.last_logits(toks)
+    np.testing.assert_allclose(merged_abl, hook_abl, atol=1e-3)  # F32 base: no requantization
     np.testing.assert_allclose(lora_abl, hook_abl, atol=1e-4)
     np.testing.assert_allclose(cvec_add, hook_add, atol=1e-4)
     assert np.abs(base - hook_abl).max() > 1e-3  # and the ablation does change the model
