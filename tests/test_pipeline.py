@@ -146,7 +146,7 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     )
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["export", "cvec", str(out), "--layer", "1"])
-    assert r.exit_code == 2 and "block input 1" in r.output  # llama.cpp cannot steer block input 1 with a control vector
+    assert r.exit_code == 2 and "block input 1" in r.output  # a control vector cannot steer block input 1
     r = runner.invoke(main, ["export", "merged", str(out), "-o", str(tmp_path / "merged.gguf")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "merged.report.json").exists()

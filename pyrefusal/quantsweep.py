@@ -1,0 +1,621 @@
+"""`pyrefusal quant-sweep`: does the refusal direction survive quantization?
+
+One model is turned into variants at several llama.cpp file types (``llama_model_quantize``). For every
+variant the refusal direction is extracted and selected with the pipeline's stages (capture at the
+post-instruction positions, filter by refusal score, difference in means, lazy paper-rule selection), and
+then every variant's direction is ablated in every variant (cross-application) while it answers harmful
+English test prompts. The questions: is the direction the same one (cosine at the same position and layer,
+cosine of the selected directions), is the same candidate selected, and does a direction found in one
+precision remove refusal in another?
+
+Requantization. Most GGUF models are distributed already quantized (the default model is Q4_K_M). Making a
+Q8_0 from it is not the Q8_0 of the original weights: it re-encodes the Q4_K_M values (an upcast adds no
+information back), and a lower type compounds two roundings. llama.cpp refuses this unless asked; so does
+this module: ``allow_requantize=True`` (``--allow-requantize``) is required, and every such variant is
+labelled "requantized from <base type>, not from original weights" in the outputs.
+
+Layout. ``out/`` (small, meant to be kept)::
+
+    config.json                     the QuantSweepConfig (a resumed sweep must match it)
+    variants/<TYPE>.json            file facts + selection summary of one variant (written when it finishes)
+    variants/<TYPE>.direction.npy   its selected raw direction, float32 (n_embd,)
+    variants/<TYPE>.selection.json  every candidate's scores
+    completions/<TYPE>.jsonl        greedy completions of that variant (baseline and "ablation:<SOURCE>")
+    quant_sweep.json, report.md, quant_sweep.png, cosine_by_layer.png
+
+``work_dir`` (large, default ``<cache>/quant-sweep/<model sha256[:12]>``): the variant GGUF files
+(``<TYPE>.gguf``, shared by every sweep of the model) and, under ``extract-<settings hash>/<TYPE>/``, the
+extraction files (candidates.npz, prompts.json, refusal_tokens.json, selection.json). Both directories are
+reused on a re-run: finished variants, extractions and completions are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pyrefusal import crosslingual as xl
+from pyrefusal.dataset import PolyRefuse, default_data_dir, paper_sample
+from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
+from pyrefusal.refusal import SubstringDetector
+from pyrefusal.selection import SelectionRule
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+
+__all__ = ["DEFAULT_TYPES", "QuantSweepConfig", "run_quant_sweep", "write_quant_report"]
+
+#: File types swept by default: sized for a 0.5B model on 2 CPU cores.
+DEFAULT_TYPES: tuple[str, ...] = ("q8_0", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
+
+
+@dataclass(frozen=True)
+class QuantSweepConfig:
+    """Everything that determines a quantization sweep (saved as ``config.json``).
+
+    Attributes:
+        model: registry name or GGUF path of the model the variants are made from.
+        types: llama.cpp file types (``q8_0``, ``q5_k_m``, ``f16``, ...); the model's own type uses the model
+            file itself.
+        allow_requantize: permit making variants from an already-quantized model (required then; the
+            report says "requantized from <type>, not from original weights").
+        data_dir: PolyRefuse directory (default :func:`pyrefusal.dataset.default_data_dir`).
+        source_lang: language of the train/val/test prompts and of the refusal tokens.
+        n_train / n_val: prompts per kind for extraction / selection (paper sampling, ``seed``).
+        n_test: harmful test prompts answered by every (variant, direction) pair.
+        max_new_tokens: greedy tokens per test answer.
+        seed: sampling seed (paper: 1).
+        positions: post-instruction positions (negative) whose candidates are extracted and selected from;
+            empty = all of them (the paper). Fewer positions make selection proportionally cheaper.
+        kl_threshold / prune_fraction: selection rule (paper: 0.2 / 0.8).
+        filter: filter train/val prompts by refusal score (paper).
+        detector: ``"multilingual"`` or ``"paper"`` substring matching.
+        work_dir: where variant GGUFs and extraction files go (default under the pyrefusal cache).
+        n_ctx / n_seq_max / n_threads: runtime settings (not part of the results).
+    """
+
+    model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    types: tuple[str, ...] = DEFAULT_TYPES
+    allow_requantize: bool = False
+    data_dir: str | None = None
+    source_lang: str = "en"
+    n_train: int = 16
+    n_val: int = 6
+    n_test: int = 12
+    max_new_tokens: int = 24
+    seed: int = 1
+    positions: tuple[int, ...] = ()
+    kl_threshold: float = 0.2
+    prune_fraction: float = 0.8
+    filter: bool = True
+    detector: str = "multilingual"
+    work_dir: str | None = None
+    n_ctx: int = 4096
+    n_seq_max: int = 16
+    n_threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["types"], d["positions"] = list(self.types), list(self.positions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSweepConfig:
+        d = dict(d)
+        for k in ("types", "positions"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule(self.prune_fraction, self.kl_threshold, False)
+
+
+# Settings that do not change stored results: a resumed sweep may differ in these.
+_RESUMABLE_KEYS = {"types", "work_dir", "n_ctx", "n_seq_max", "n_threads", "allow_requantize"}
+
+
+def _settings_key(config: QuantSweepConfig) -> str:
+    """Short hash of the settings that determine an extraction (names its directory in the work dir)."""
+    d = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _check_config(out: Path, config: QuantSweepConfig, force: bool) -> None:
+    path = out / "config.json"
+    new = json.loads(json.dumps(config.to_dict()))
+    if path.exists() and not force:
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in new.items() if k not in _RESUMABLE_KEYS and old.get(k) != v}
+        if diff:
+            raise PyrefusalError(
+                f"{out} holds a sweep with other settings {diff} (old, new). Use another output directory, or "
+                "force=True / --force to start over there."
+            )
+    if force:
+        for sub in ("variants", "completions"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in ("quant_sweep.json", "report.md", "quant_sweep.png", "cosine_by_layer.png"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=1))
+
+
+# --- variants -------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One quantized variant and, once extracted, its selected direction.
+
+    Attributes:
+        type: file type name, upper case (``"Q8_0"``).
+        source: how the file was made (``"base file"``, ``"requantized from Q4_K_M, not from original
+            weights"``, ``"quantized from F16"``).
+        path: the GGUF file.
+        status: ``"ok"``, ``"failed"`` (no file: ``error`` says why) or ``"no direction"`` (the file works
+            but selection found no candidate).
+        error: why it failed, if it did.
+        size_bytes / bits_per_weight / tensor_types: file facts (``tensor_types`` counts tensors per
+            storage type).
+        seconds: wall time per step.
+        selection: :meth:`pyrefusal.crosslingual.LanguageDirection.summary` of its direction.
+    """
+
+    type: str
+    source: str
+    path: str
+    status: str = "ok"
+    error: str | None = None
+    size_bytes: int = 0
+    bits_per_weight: float = 0.0
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _file_facts(path: Path) -> tuple[int, float, dict[str, int]]:
+    """(size, bits per weight of the tensors, tensors per storage type) of a GGUF file."""
+    from pyrefusal.export import read_gguf_header
+
+    h = read_gguf_header(path)
+    n_weights = sum(int(np.prod(t.ne)) for t in h.tensors.values())
+    counts = Counter(t.qtype.name for t in h.tensors.values())
+    size = path.stat().st_size
+    return size, 8.0 * size / max(n_weights, 1), dict(sorted(counts.items()))
+
+
+def _make_variant(
+    base: Path, base_ftype: int | None, name: str, work: Path, config: QuantSweepConfig, log: Log
+) -> Variant:
+    """The GGUF of one file type: the base file itself, or a quantization written to ``work``."""
+    ftype = parse_ftype(name)
+    label = ftype_name(ftype)
+    if ftype == base_ftype:
+        v = Variant(label, f"base file ({base.name})", str(base))
+    else:
+        target = work / f"{label}.gguf"
+        from_float = base_ftype in FLOAT_FTYPES
+        source = (
+            f"quantized from {ftype_name(base_ftype)}"
+            if from_float
+            else (f"requantized from {ftype_name(base_ftype)}, not from original weights")
+        )
+        v = Variant(label, source, str(target))
+        if not target.exists():
+            log(f"{label}: quantizing {base.name} ({source})")
+            t = time.perf_counter()
+            try:
+                quantize_gguf(base, target, ftype, allow_requantize=not from_float, n_threads=config.n_threads)
+            except MergeError as e:
+                v.status, v.error = "failed", str(e)
+                log(f"{label}: skipped: {e}")
+                return v
+            v.seconds["quantize"] = time.perf_counter() - t
+    v.size_bytes, v.bits_per_weight, v.tensor_types = _file_facts(Path(v.path))
+    return v
+
+
+def _extract(
+    variant: Variant, data: PolyRefuse, config: QuantSweepConfig, work: Path, log: Log, progress: Progress | None
+) -> xl.LanguageDirection | None:
+    """Extract and select the variant's direction (reusing ``work/<TYPE>/`` files); None if nothing passes."""
+    from pyrefusal.backend import Runtime
+    from pyrefusal.selection import SelectionError
+
+    d = work / variant.type
+    d.mkdir(parents=True, exist_ok=True)
+    say = lambda m: log(f"{variant.type}: {m}")  # noqa: E731
+    with Runtime(
+        variant.path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads, hook=True
+    ) as rt:
+        ex = xl._Extractor(rt, None, say)
+        if config.positions:
+            bad = [p for p in config.positions if p not in ex.positions]
+            if bad:
+                raise PyrefusalError(
+                    f"positions {bad} are not post-instruction positions of this chat template {ex.positions}; "
+                    "pass negative offsets within them, e.g. -1"
+                )
+            ex.positions = tuple(sorted(config.positions))
+        tokens = xl.table_refusal_tokens(rt.tokenize, rt.detokenize, config.source_lang)
+        tokens.save(d / "refusal_tokens.json")
+        tv = paper_sample(data, config.source_lang, n_train=config.n_train, n_val=config.n_val, seed=config.seed)
+        prog = (lambda s, i, n: progress(f"{variant.type}: {s}", i, n)) if progress else None
+        t = time.perf_counter()
+        cands, record, _ = ex.candidates(config.source_lang, d, tv, tokens.ids, config.filter, False)
+        variant.seconds["candidates"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            selection = ex.selection(
+                config.source_lang, d, tv, tokens.ids, cands, record, config.filter, config.rule(), prog
+            )
+        except SelectionError as e:
+            variant.status, variant.error = "no direction", str(e)
+            say(f"no direction: {e}")
+            return None
+        variant.seconds["selection"] = time.perf_counter() - t
+    ld = xl.LanguageDirection(variant.type, cands, selection, tokens, record)
+    say(
+        f"selected position {selection.position}, layer {selection.layer}: refusal score "
+        f"{selection.baseline_refusal_score:.3f} -> {selection.refusal_score:.3f}, KL {selection.kl:.4f}"
+    )
+    return ld
+
+
+def _load_direction(work: Path, name: str) -> xl.LanguageDirection | None:
+    d = work / name
+    return xl.LanguageDirection.load(d, name) if (d / "selection.json").exists() else None
+
+
+# --- the sweep ------------------------------------------------------------------------------
+
+
+def run_quant_sweep(
+    config: QuantSweepConfig,
+    out: Path,
+    log: Log = print,
+    progress: Progress | None = None,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Make the variants, extract a direction in each, cross-apply them and write the report.
+
+    Args:
+        config: the sweep.
+        out: output directory (small files: JSON, Markdown, PNG, completions); resumed when it exists.
+        log: message sink.
+        progress: ``progress(stage, done, total)``.
+        force: start over in ``out`` (variant GGUFs in the work directory are kept).
+
+    Returns:
+        The dict written to ``quant_sweep.json``.
+
+    Raises:
+        PyrefusalError: unknown file types, requantization without ``allow_requantize``, missing data, or
+            ``out`` holding a sweep with other settings.
+    """
+    from pyrefusal.backend import Runtime, build_info
+    from pyrefusal.export import read_gguf_header
+    from pyrefusal.registry import cache_dir, cached_sha256, resolve_model
+
+    t_all = time.perf_counter()
+    out = Path(out)
+    names = [ftype_name(parse_ftype(t)) for t in config.types]  # validates every type up front
+    if len(set(names)) != len(names):
+        raise PyrefusalError(f"file types repeat in {list(config.types)}; list each once")
+    resolved = resolve_model(config.model)
+    base = Path(resolved.path)
+    raw_ftype = read_gguf_header(base).kv.get("general.file_type")
+    base_ftype = int(raw_ftype) if raw_ftype is not None else None
+    requant = [n for n in names if parse_ftype(n) != base_ftype] if base_ftype not in FLOAT_FTYPES else []
+    if requant and not config.allow_requantize:
+        raise PyrefusalError(
+            f"{base.name} is already quantized ({ftype_name(base_ftype)}); making {requant} from it requantizes "
+            "the quantized weights (not the original ones), so those variants measure quantizing twice. Pass "
+            "allow_requantize=True (--allow-requantize) to do it anyway (the report says so), or start from an "
+            "F16/BF16/F32 GGUF of the model."
+        )
+    sha = resolved.sha256 or cached_sha256(base)
+    work = Path(config.work_dir) if config.work_dir else cache_dir() / "quant-sweep" / sha[:12]
+    extractions = work / f"extract-{_settings_key(config)}"  # per-variant extraction files of these settings
+    _check_config(out, config, force)
+    if force:
+        shutil.rmtree(extractions, ignore_errors=True)
+    extractions.mkdir(parents=True, exist_ok=True)
+    (out / "variants").mkdir(exist_ok=True)
+    (out / "completions").mkdir(exist_ok=True)
+    data = PolyRefuse(Path(config.data_dir) if config.data_dir else default_data_dir())
+    if config.source_lang not in data.languages():
+        raise DataError(
+            f"language {config.source_lang!r} has no PolyRefuse files in {data.root}; run `pyrefusal data fetch` "
+            "or pass --data-dir"
+        )
+    log(f"model {base.name} ({ftype_name(base_ftype)}); variants {names}; work files in {work}")
+
+    # -- 1. variants and their directions (each saved as soon as it finishes) -------------------
+    variants: dict[str, Variant] = {}
+    directions: dict[str, xl.LanguageDirection] = {}
+    for name in names:
+        vpath = out / "variants" / f"{name}.json"
+        if vpath.exists():
+            variants[name] = Variant(**json.loads(vpath.read_text()))
+            log(f"{name}: reusing {vpath.name} ({variants[name].status})")
+        else:
+            v = _make_variant(base, base_ftype, name, work, config, log)
+            if v.status == "ok":
+                ld = _extract(v, data, config, extractions, log, progress)
+                if ld is not None:
+                    v.selection = ld.summary()
+                    np.save(out / "variants" / f"{name}.direction.npy", ld.direction.astype(np.float32))
+                    ld.selection.save(out / "variants" / f"{name}.selection.json")
+            vpath.write_text(json.dumps(v.to_dict(), indent=1))
+            variants[name] = v
+        if variants[name].status == "ok":
+            ld = _load_direction(extractions, name)
+            if ld is None:
+                raise PyrefusalError(
+                    f"{out / 'variants' / (name + '.json')} says {name} has a direction but {extractions / name} "
+                    "lacks its files (another work_dir?). Pass the same work_dir, or force=True to redo the sweep."
+                )
+            directions[name] = ld
+
+    # -- 2. cross-application: every direction ablated in every variant ------------------------
+    detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
+    cross: dict[str, dict[str, Any]] = {}
+    runnable = [n for n in names if variants[n].status != "failed"]
+    for i, name in enumerate(runnable):
+        t = time.perf_counter()
+        log(f"{name}: answering {config.n_test} harmful test prompts, baseline + {len(directions)} directions")
+        with Runtime(
+            variants[name].path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads
+        ) as rt:
+            res = xl.transfer_matrix(
+                rt,
+                directions,
+                data,
+                [config.source_lang],
+                n_test=config.n_test,
+                max_new_tokens=config.max_new_tokens,
+                detector=detector,
+                completions_path=out / "completions" / f"{name}.jsonl",
+                seed=config.seed,
+                batch_size=config.n_seq_max,
+                progress=(lambda s, k, n, _m=name: progress(f"{_m}: {s}", k, n)) if progress else None,
+            )
+        cross[name] = res.to_dict()
+        variants[name].seconds["cross_application"] = time.perf_counter() - t
+        if progress:
+            progress("variants cross-applied", i + 1, len(runnable))
+
+    # -- 3. geometry, results, report ------------------------------------------------------------
+    results = _results(config, resolved, base, base_ftype, variants, directions, cross, work)
+    results["versions"] = {k: v for k, v in build_info().items() if k != "system_info"}
+    results["seconds_total"] = time.perf_counter() - t_all
+    (out / "quant_sweep.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    write_quant_report(results, out)
+    log(f"wrote {out / 'quant_sweep.json'} and {out / 'report.md'} in {results['seconds_total']:.0f}s")
+    return results
+
+
+def _rate(cross: Mapping[str, Any], model: str, row: str, lang: str) -> float | None:
+    """Refusal rate of variant ``model`` with ``row`` (``"baseline"`` or a direction's variant) ablated."""
+    res = cross.get(model)
+    if res is None:
+        return None
+    value = res["baseline"].get(lang) if row == "baseline" else res["rates"].get(row, {}).get(lang)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _results(
+    config: QuantSweepConfig,
+    resolved: Any,
+    base: Path,
+    base_ftype: int | None,
+    variants: Mapping[str, Variant],
+    directions: Mapping[str, xl.LanguageDirection],
+    cross: Mapping[str, Any],
+    work: Path,
+) -> dict[str, Any]:
+    lang = config.source_lang
+    names = list(variants)
+    base_name = ftype_name(base_ftype)
+    ref = base_name if base_name in directions else next(iter(directions), None)
+    geometry: dict[str, Any] = {"reference": ref}
+    if ref is not None:
+        dnames, pos, by_layer = xl.cosine_by_layer(directions, directions[ref].selection.position)
+        layer = directions[ref].selection.layer
+        _, sel = xl.selected_cosines(directions)
+        geometry.update(
+            names=dnames,
+            position=pos,
+            layer=layer,
+            cosine_at_reference=by_layer[:, :, layer].tolist(),
+            cosine_selected=sel.tolist(),
+            cosine_by_layer=by_layer.tolist(),
+        )
+    matrix = {row: {m: _rate(cross, m, row, lang) for m in names if m in cross} for row in ["baseline", *directions]}
+    return {
+        "model": {
+            "spec": config.model,
+            "path": str(base),
+            "sha256": resolved.sha256,
+            "file_type": base_name,
+        },
+        "note": (
+            f"variants other than {base_name} were made from the {base_name} file, not from original weights"
+            if base_ftype not in FLOAT_FTYPES
+            else f"variants quantized from the {base_name} file"
+        ),
+        "variants": {n: variants[n].to_dict() for n in names},
+        "refusal": {
+            "language": lang,
+            "detector": SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual").name,
+            "n_test": config.n_test,
+            "max_new_tokens": config.max_new_tokens,
+            "matrix": matrix,
+            "matrix_layout": "matrix[direction source or 'baseline'][model variant] = refusal rate on harmful prompts",
+            "counts": {m: cross[m]["counts"] for m in cross},
+            "prompt_ids": next(iter(cross.values()))["prompt_ids"] if cross else {},
+        },
+        "geometry": geometry,
+        "work_dir": str(work),
+        "config": config.to_dict(),
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _plot(results: Mapping[str, Any], path: Path) -> Path:
+    """Cross-application heatmap (refusal %) beside the refusal rates per variant."""
+    from matplotlib.figure import Figure
+
+    from pyrefusal import plots
+
+    ref = results["refusal"]
+    matrix = ref["matrix"]
+    models = list(next(iter(matrix.values())).keys()) if matrix else []
+    rows = list(matrix)
+    m = np.array([[np.nan if matrix[r][c] is None else 100 * matrix[r][c] for c in models] for r in rows])
+    fig = Figure(figsize=(1.6 + 1.0 * len(models), 1.3 + 0.55 * len(rows)))
+    plots._annotated_heatmap(
+        fig,
+        m,
+        ["baseline" if r == "baseline" else f"r({r})" for r in rows],
+        models,
+        fmt=".0f",
+        vmin=0,
+        vmax=100,
+        cmap="Reds",
+        xlabel="model variant (answers the prompts)",
+        ylabel="direction ablated (extracted in)",
+        title=f"refusal % on {ref['n_test']} harmful {ref['language']} prompts ({ref['detector']})",
+    )
+    return plots._save(fig, path)
+
+
+def write_quant_report(results: Mapping[str, Any], out: Path) -> Path:
+    """Write ``report.md``, ``quant_sweep.png`` and ``cosine_by_layer.png`` from a ``quant_sweep.json`` dict.
+
+    Returns:
+        Path of ``report.md``.
+    """
+    from pyrefusal import plots
+
+    out = Path(out)
+    ref = results["refusal"]
+    geo = results["geometry"]
+    variants = results["variants"]
+    base = results["model"]["file_type"]
+    matrix = ref["matrix"]
+    note = results["note"][0].upper() + results["note"][1:]
+    lines = [
+        f"# Quantization sweep: {Path(results['model']['path']).name}",
+        "",
+        f"Base file type {base}. {note}. Refusal = substring detector `{ref['detector']}` on "
+        f"{ref['n_test']} harmful {ref['language']} test prompts, {ref['max_new_tokens']} greedy tokens; directions "
+        f"from n_train {results['config']['n_train']}, n_val {results['config']['n_val']} (paper sampling, "
+        f"seed {results['config']['seed']}), selection KL <= {results['config']['kl_threshold']}"
+        + (f", positions {results['config']['positions']}" if results["config"]["positions"] else "")
+        + ".",
+        "",
+        "## Variants",
+        "",
+        (
+            "| type | made from | MiB | bits/weight | selected (pos, layer) | KL | refusal score base -> ablated "
+            f"| refusal baseline | own direction ablated | {base} direction ablated |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in variants.items():
+        s = v.get("selection")
+        if v["status"] == "failed":
+            lines.append(f"| {name} | failed: {v['error']} | | | | | | | | |")
+            continue
+        sel = f"({s['position']}, {s['layer']})" if s else "none"
+        score = f"{_num(s['baseline_refusal_score'], '.2f')} -> {_num(s['refusal_score'], '.2f')}" if s else "-"
+        lines.append(
+            f"| {name} | {v['source']} | {v['size_bytes'] / 2**20:.0f} | {v['bits_per_weight']:.2f} | {sel} | "
+            f"{_num(s['kl'] if s else None)} | {score} | {_pct(matrix['baseline'].get(name))} | "
+            f"{_pct(matrix.get(name, {}).get(name))} | {_pct(matrix.get(base, {}).get(name))} |"
+        )
+    models = [n for n in variants if n in matrix.get("baseline", {})]
+    lines += [
+        "",
+        "## Cross-application: refusal rate (rows: direction ablated; columns: variant answering)",
+        "",
+        "| direction \\ variant | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for row, cells in matrix.items():
+        label = "none (baseline)" if row == "baseline" else f"r({row})"
+        lines.append(f"| {label} | " + " | ".join(_pct(cells.get(m)) for m in models) + " |")
+    if geo.get("names"):
+        dn = geo["names"]
+        lines += [
+            "",
+            (
+                f"## Cosine of the directions at the {geo['reference']} selection (position {geo['position']}, "
+                f"layer {geo['layer']})"
+            ),
+            "",
+            *xl._matrix_table(dn, geo["cosine_at_reference"]),
+            "",
+            "## Cosine of the selected directions (each at its own position and layer)",
+            "",
+            *xl._matrix_table(dn, geo["cosine_selected"]),
+        ]
+        plots.plot_cosine_by_layer(
+            dn,
+            np.array(geo["cosine_by_layer"], dtype=np.float64),
+            out / "cosine_by_layer.png",
+            position=geo["position"],
+            reference=geo["reference"],
+        )
+    _plot(results, out / "quant_sweep.png")
+    lines += [
+        "",
+        "![cross-application](quant_sweep.png)",
+        "",
+        "![cosine by layer](cosine_by_layer.png)" if geo.get("names") else "",
+        "",
+        "## Files",
+        "",
+        "| type | storage types (tensor count) | seconds |",
+        "|---|---|---|",
+    ]
+    for name, v in variants.items():
+        kinds = ", ".join(f"{k} {n}" for k, n in v["tensor_types"].items())
+        secs = ", ".join(f"{k} {t:.0f}" for k, t in v["seconds"].items())
+        lines.append(f"| {name} | {kinds} | {secs} |")
+    lines += [
+        "",
+        f"Total wall time {results.get('seconds_total', 0):.0f} s. Variant files: `{results['work_dir']}`.",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
