@@ -23,6 +23,23 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
+def _progress_bars() -> Any:
+    """A ``progress(stage, done, total)`` callback drawing one tqdm bar per stage."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="it", leave=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -123,8 +140,6 @@ def doctor() -> None:
 @click.option("--force", is_flag=True, help="Discard what --out holds and start over.")
 def run(**kw: Any) -> None:
     """Extract, select and evaluate the refusal direction, end to end (resumable)."""
-    from tqdm import tqdm
-
     from pyrefusal.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(
@@ -154,15 +169,7 @@ def run(**kw: Any) -> None:
         n_gpu_layers=kw["n_gpu_layers"],
         n_threads=kw["threads"],
     )
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="it", leave=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
+    progress = _progress_bars()
 
     try:
         results = run_pipeline(
@@ -174,6 +181,130 @@ def run(**kw: Any) -> None:
     click.echo(Path(kw["out"], "report.md").read_text(encoding="utf-8"))
     rates = {lang: {c: v["refusal_rate"] for c, v in conds.items()} for lang, conds in results["evaluation"].items()}
     click.echo(json.dumps({"harmful_refusal_rate": rates}, indent=1))
+
+
+@main.command()
+@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
+@click.option("--sources", default="en,de,zh,ja", show_default=True, help="Languages whose directions are extracted.")
+@click.option("--targets", default="en,de,zh,ja,ru", show_default=True, help="Languages evaluated.")
+@click.option("--n-train", default=16, show_default=True)
+@click.option("--n-val", default=6, show_default=True)
+@click.option("--n-test", default=8, show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--seed", default=1, show_default=True)
+@click.option("--kl-threshold", default=0.2, show_default=True)
+@click.option("--condition", type=click.Choice(["ablation", "harm_ablation"]), default="ablation", show_default=True)
+@click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
+@click.option(
+    "--token-method",
+    type=click.Choice(["derive", "table"]),
+    default="derive",
+    show_default=True,
+    help="Refusal tokens per language: from the model's own refusals, or the built-in table.",
+)
+@click.option("--refusal-openings", default="", help='Per-language overrides, e.g. "de=Ich,Es;ja=申し訳".')
+@click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", default=-1, show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/transfer"), show_default=True
+)
+@click.option("--force", is_flag=True)
+@click.option("--no-plots", is_flag=True)
+def transfer(**kw: Any) -> None:
+    """Directions from several source languages, the source x target transfer matrix, cosines, plots."""
+    from pyrefusal.crosslingual import TransferConfig, run_transfer
+
+    openings = {}
+    for part in kw["refusal_openings"].split(";"):
+        if "=" in part:
+            lang, words = part.split("=", 1)
+            openings[lang.strip()] = _csv(words)
+    config = TransferConfig(
+        model=kw["model"],
+        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
+        sources=_csv(kw["sources"]),
+        targets=_csv(kw["targets"]),
+        n_train=kw["n_train"],
+        n_val=kw["n_val"],
+        n_test=kw["n_test"],
+        max_new_tokens=kw["max_new_tokens"],
+        seed=kw["seed"],
+        kl_threshold=kw["kl_threshold"],
+        condition=kw["condition"],
+        detector=kw["detector"],
+        token_method=kw["token_method"],
+        refusal_openings=openings,
+        n_gpu_layers=kw["n_gpu_layers"],
+        n_threads=kw["threads"],
+    )
+    try:
+        run_transfer(
+            config,
+            kw["out"],
+            log=lambda s: click.echo(s, err=True),
+            progress=_progress_bars(),
+            force=kw["force"],
+            plots=not kw["no_plots"],
+        )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo((Path(kw["out"]) / "report.md").read_text(encoding="utf-8"))
+
+
+@main.command("quant-sweep")
+@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True)
+@click.option("--types", default="q8_0,q5_k_m,q4_k_m,q3_k_m,q2_k", show_default=True)
+@click.option(
+    "--allow-requantize",
+    is_flag=True,
+    help="Required when the source is already quantized: variants are derived from quantized weights.",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
+@click.option("--n-train", default=16, show_default=True)
+@click.option("--n-val", default=6, show_default=True)
+@click.option("--n-test", default=12, show_default=True)
+@click.option("--max-new-tokens", default=24, show_default=True)
+@click.option("--positions", default="", help="Comma-separated eoi positions to consider (default: all).")
+@click.option("--seed", default=1, show_default=True)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the variant GGUFs go (default: the cache).",
+)
+@click.option("--threads", type=int, default=None)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quant-sweep"), show_default=True
+)
+@click.option("--force", is_flag=True)
+def quant_sweep(**kw: Any) -> None:
+    """Quantization variants of one model: direction per type, cross-applied, cosines, report."""
+    from pyrefusal.quantsweep import QuantSweepConfig, run_quant_sweep
+
+    config = QuantSweepConfig(
+        model=kw["model"],
+        types=_csv(kw["types"]),
+        allow_requantize=kw["allow_requantize"],
+        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
+        n_train=kw["n_train"],
+        n_val=kw["n_val"],
+        n_test=kw["n_test"],
+        max_new_tokens=kw["max_new_tokens"],
+        seed=kw["seed"],
+        positions=tuple(int(p) for p in _csv(kw["positions"])),
+        work_dir=str(kw["work_dir"]) if kw["work_dir"] else None,
+        n_threads=kw["threads"],
+    )
+    try:
+        run_quant_sweep(
+            config, kw["out"], log=lambda s: click.echo(s, err=True), progress=_progress_bars(), force=kw["force"]
+        )
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    click.echo((Path(kw["out"]) / "report.md").read_text(encoding="utf-8"))
 
 
 @main.group()

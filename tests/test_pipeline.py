@@ -176,3 +176,62 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     np.testing.assert_allclose(lora_abl, hook_abl, atol=1e-4)
     np.testing.assert_allclose(cvec_add, hook_add, atol=1e-4)
     assert np.abs(base - hook_abl).max() > 1e-3  # and the ablation does change the model
+
+
+def test_cli_transfer_and_quant_sweep_on_the_tiny_model(tiny_model, polyrefuse_dir, tmp_path):
+    path, _ = tiny_model
+    runner = CliRunner()
+    common = [
+        "--model",
+        str(path),
+        "--data-dir",
+        str(polyrefuse_dir),
+        "--n-train",
+        "4",
+        "--n-val",
+        "2",
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--threads",
+        "1",
+    ]
+    r = runner.invoke(
+        main,
+        [
+            "transfer",
+            *common,
+            "--sources",
+            "en,de",
+            "--targets",
+            "en,de",
+            "--token-method",
+            "table",
+            "--refusal-openings",
+            "en=I;de=Ich",
+            "--kl-threshold",
+            "1e9",
+            "--no-plots",
+            "--out",
+            str(tmp_path / "tr"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((tmp_path / "tr" / "transfer.json").read_text())
+    assert "en" in json.dumps(matrix) and (tmp_path / "tr" / "report.md").exists()
+    r = runner.invoke(
+        main,
+        [
+            "quant-sweep",
+            *common,
+            "--types",
+            "q8_0,q4_0",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "qs"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "qs" / "quant_sweep.json").exists()
