@@ -10,8 +10,10 @@ sequences, for these modes, all in one process and one run so ratios are compara
 * ``ablation``    directional ablation at every residual write (1 + 2 * n_layer nodes)
 * ``addition``    activation addition at one block input via the hook
 * ``cvec``        the same addition through llama.cpp's in-graph control vector
+* ``lora``        ablation as a rank-1 LoRA adapter in llama.cpp's graph (no callback)
+* ``merged``      ablation baked into the weights (orthogonalized GGUF, requantized), plain context
 
-Usage: ``python benchmarks/bench_hook.py [--model SPEC] [--seqs 1,8,16] [--out benchmarks/results]``
+Usage: ``python benchmarks/bench_hook.py [--model SPEC] [--seqs 1,8,32] [--out benchmarks/results]``
 Writes ``<out>/<machine>-<date>.json`` and ``.md``.
 """
 
@@ -33,7 +35,7 @@ from pyrefusal import intervention as iv
 from pyrefusal.backend import PlanEntry, Runtime, build_info
 from pyrefusal.registry import DEFAULT_MODEL, resolve_model
 
-MODES = ("plain", "hook_idle", "capture", "ablation", "addition", "cvec")
+MODES = ("plain", "hook_idle", "capture", "ablation", "addition", "cvec", "lora", "merged")
 
 
 def _prompts(rt: Runtime, n: int, length: int, seed: int) -> list[list[int]]:
@@ -48,8 +50,9 @@ def _prompts(rt: Runtime, n: int, length: int, seed: int) -> list[list[int]]:
 
 def _arm(rt: Runtime, mode: str, r: np.ndarray, n_seq: int) -> None:
     rt.clear_plan()
-    rt.set_control_vector(None)
-    if mode == "capture":
+    if mode == "lora":
+        iv.arm(rt, iv.ablation(r), path="graph")
+    elif mode == "capture":
         plan = {rt.nodes.block_input(lay): PlanEntry(capture_layer=lay) for lay in range(rt.n_layer + 1)}
         rt.set_plan(plan)
         rt.hook.set_capture_buffer(max(n_seq, 1) * 64, rt.n_layer + 1)
@@ -83,14 +86,13 @@ def measure(rt: Runtime, mode: str, n_seq: int, prompt_len: int, gen_len: int, r
         rt.generate(prompts, gen_len, stop_at_eog=False)
         tg.append((rt.timings.generated_tokens - n0) / (rt.timings.generation_seconds - t0))
     rt.clear_plan()
-    rt.set_control_vector(None)
     return {"prompt_tps": float(np.median(pp)), "gen_tps": float(np.median(tg))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--seqs", default="1,8,16")
+    ap.add_argument("--seqs", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
@@ -101,21 +103,32 @@ def main() -> None:
     model = resolve_model(args.model, progress=False)
     rows = []
     ctx = max(seqs) * (args.prompt_len + args.gen_len) + 64
+    # The merged export bakes the same random direction into the weights (requantized to the base's types).
+    from pyrefusal.merge import export_merged
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    merged_path = args.out / ".bench-merged.gguf"
+    with Runtime(model.path, hook=False, n_ctx=64, n_seq_max=1) as probe:
+        n_embd = probe.n_embd
+    direction = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
+    export_merged(model.path, direction, merged_path, provenance={"purpose": "benchmark"}, validate=False)
     with (
         Runtime(model.path, hook=False, n_ctx=ctx, n_seq_max=max(seqs), sha256=model.sha256) as plain,
         Runtime(model.path, hook=True, n_ctx=ctx, n_seq_max=max(seqs), sha256=model.sha256) as hooked,
+        Runtime(merged_path, hook=False, n_ctx=ctx, n_seq_max=max(seqs)) as merged,
     ):
         measure(plain, "plain", 1, 8, 4, 1)  # warm-up
         measure(hooked, "hook_idle", 1, 8, 4, 1)
         for n in seqs:
             for mode in MODES:
-                rt = plain if mode == "plain" else hooked
+                rt = {"plain": plain, "merged": merged}.get(mode, hooked)
                 if mode == "cvec" and rt.n_layer // 2 - 1 < 1:
                     continue
                 res = measure(rt, mode, n, args.prompt_len, args.gen_len, args.reps)
                 rows.append({"seqs": n, "mode": mode, **res})
                 print(f"seqs={n:3d} {mode:10s} prompt {res['prompt_tps']:8.1f} tok/s   gen {res['gen_tps']:8.1f} tok/s")
         info = hooked.info().to_dict()
+    merged_path.unlink(missing_ok=True)
     for row in rows:
         base = next(x for x in rows if x["seqs"] == row["seqs"] and x["mode"] == "plain")
         row["prompt_ratio"] = row["prompt_tps"] / base["prompt_tps"]

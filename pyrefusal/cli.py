@@ -138,8 +138,28 @@ def doctor() -> None:
     help="Run directory (re-running resumes).",
 )
 @click.option("--force", is_flag=True, help="Discard what --out holds and start over.")
-def run(**kw: Any) -> None:
+@click.option(
+    "--preset",
+    type=click.Choice(["quick", "paper"]),
+    default="quick",
+    show_default=True,
+    help="paper = the paper's sizes (128/32 train/val, 572 test, 512 tokens, baseline + harm_ablation "
+    "+ ablation) unless an option is given explicitly; quick = the defaults shown (minutes on a CPU).",
+)
+@click.pass_context
+def run(ctx: click.Context, **kw: Any) -> None:
     """Extract, select and evaluate the refusal direction, end to end (resumable)."""
+    if kw.pop("preset") == "paper":
+        paper = {
+            "n_train": 128,
+            "n_val": 32,
+            "n_test": 572,
+            "max_new_tokens": 512,
+            "conditions": "baseline,ablation,harm_ablation",
+        }
+        for key, value in paper.items():
+            if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
+                kw[key] = value
     from pyrefusal.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(

@@ -549,6 +549,10 @@ def _run(
         "versions": {k: v for k, v in build_info().items() if k != "system_info"},
         "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},
     }
+    from pyrefusal.plots import plot_selection_heatmaps
+
+    heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{rt.name}: candidates")
+    results["direction"]["heatmap"] = heatmap.name
     paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     from pyrefusal.report import write_report
 

@@ -114,6 +114,32 @@ def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert res["direction"]["source_lang"] == "en"
+    assert (tmp_path / "cli" / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "selection.png" in (tmp_path / "cli" / "report.md").read_text()
+    # --preset paper: the paper's sizes, except what is given explicitly
+    paper = [
+        "run",
+        "--model",
+        str(path),
+        "--data-dir",
+        str(polyrefuse_dir),
+        "--target-langs",
+        "en",
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--kl-threshold",
+        "1e9",
+        "--refusal-openings",
+        "I",
+        "--out",
+        str(tmp_path / "p"),
+    ]
+    r = runner.invoke(main, [*paper, "--preset", "paper", "--conditions", "baseline", "--no-capability"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_new_tokens"]) == (128, 32, 2, 4)
     r = runner.invoke(
         main,
         [
