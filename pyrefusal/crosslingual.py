@@ -55,6 +55,7 @@ from pyrefusal.directions import Candidates, mean_difference, unit
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
+from pyrefusal.rundir import check_config, write_config
 from pyrefusal.selection import (
     REFUSAL_OPENINGS,
     Selection,
@@ -1135,16 +1136,7 @@ _RESUMABLE_KEYS = {"sources", "targets", "n_threads", "n_gpu_layers", "n_ctx"}
 
 
 def _check_config(out: Path, config: TransferConfig, force: bool) -> None:
-    path = out / "config.json"
-    new = json.loads(json.dumps(config.to_dict()))
-    if path.exists() and not force:
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in new.items() if k not in _RESUMABLE_KEYS and old.get(k) != v}
-        if diff:
-            raise PyrefusalError(
-                f"{out} holds a transfer run with other settings {diff} (old, new). Use another output "
-                "directory, or force=True / --force to start over there."
-            )
+    new = check_config(out, config.to_dict(), what="transfer run", force=force, resumable=_RESUMABLE_KEYS)
     if force:
         for name in ("completions.jsonl", "transfer.json", "report.md"):
             (out / name).unlink(missing_ok=True)
@@ -1152,7 +1144,7 @@ def _check_config(out: Path, config: TransferConfig, force: bool) -> None:
         if ddir.exists():
             for f in sorted(ddir.glob("*/*")):
                 f.unlink()
-    path.write_text(json.dumps(new, indent=1))
+    write_config(out, new)
 
 
 def run_transfer(

@@ -49,6 +49,7 @@ from pyrefusal.dataset import PolyRefuse, default_data_dir, paper_sample
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
 from pyrefusal.refusal import SubstringDetector
+from pyrefusal.rundir import check_config, write_config
 from pyrefusal.selection import SelectionRule
 
 Log = Callable[[str], None]
@@ -133,23 +134,13 @@ def _settings_key(config: QuantSweepConfig) -> str:
 
 
 def _check_config(out: Path, config: QuantSweepConfig, force: bool) -> None:
-    path = out / "config.json"
-    new = json.loads(json.dumps(config.to_dict()))
-    if path.exists() and not force:
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in new.items() if k not in _RESUMABLE_KEYS and old.get(k) != v}
-        if diff:
-            raise PyrefusalError(
-                f"{out} holds a sweep with other settings {diff} (old, new). Use another output directory, or "
-                "force=True / --force to start over there."
-            )
+    new = check_config(out, config.to_dict(), what="sweep", force=force, resumable=_RESUMABLE_KEYS)
     if force:
         for sub in ("variants", "completions"):
             shutil.rmtree(out / sub, ignore_errors=True)
         for name in ("quant_sweep.json", "report.md", "quant_sweep.png", "cosine_by_layer.png"):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=1))
+    write_config(out, new)
 
 
 # --- variants -------------------------------------------------------------------------------
