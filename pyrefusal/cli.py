@@ -616,7 +616,12 @@ def data() -> None:
     help="Where to put the files (default: ~/.cache/pyrefusal/polyrefuse).",
 )
 @click.option("--base-url", default=None, help="A mirror (http(s)://, file:// or a directory) instead of GitHub.")
-@click.option("--ref", default="main", show_default=True, help="Git ref of mainlp/Multilingual-Refusal to fetch.")
+@click.option(
+    "--ref",
+    default="985169df2a0b1ba56a95c65d5f60e228f12be4a1",
+    show_default=True,
+    help="Git ref of mainlp/Multilingual-Refusal to fetch (default: the commit the hashes come from).",
+)
 @click.option("--no-pools", is_flag=True, help="Skip the full English Alpaca pools (25k prompts, 5 MB).")
 @click.option("--no-verify-hash", is_flag=True, help="Accept (and record) content that differs from the manifest.")
 def data_fetch(data_dir: Path | None, base_url: str | None, ref: str, no_pools: bool, no_verify_hash: bool) -> None:

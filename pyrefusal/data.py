@@ -80,7 +80,7 @@ PINNED_COMMIT = "985169df2a0b1ba56a95c65d5f60e228f12be4a1"
 GITHUB_RAW_TEMPLATE = "https://raw.githubusercontent.com/mainlp/Multilingual-Refusal/{ref}/"
 """Default download base; ``{ref}`` is a branch, tag or commit."""
 
-DEFAULT_REF = "main"
+DEFAULT_REF = PINNED_COMMIT  # the commit the manifest hashes were taken from: reproducible by default
 """The ref fetched by default. Pass ``ref=PINNED_COMMIT`` for exactly the manifest's files."""
 
 MANIFEST_FILENAME = "data_manifest.json"
@@ -701,7 +701,9 @@ def _fetch_one(
             restarted = True
             result.attempts -= 1
             continue
-        if got != entry.sha256 and verify_hash:
+        # Data files are strict; a non-data file (LICENSE) whose upstream bytes differ is accepted with a
+        # warning rather than failing the whole fetch.
+        if got != entry.sha256 and verify_hash and entry.records is not None:
             part.unlink(missing_ok=True)
             result.error = _mismatch_message(entry, got, url, ref)
             return result
@@ -711,7 +713,7 @@ def _fetch_one(
         result.url, result.size, result.sha256, result.hash_matches = url, size, got, got == entry.sha256
         if not result.hash_matches:
             log.warning(
-                "%s: accepted content with sha256 %s (manifest: %s) from %s because hash verification is off",
+                "%s: accepted sha256 %s (manifest: %s) from %s: hash verification off, or not a data file",
                 entry.name,
                 got,
                 entry.sha256,

@@ -222,15 +222,16 @@ def test_fetch_everything_then_verify(mirror: Mirror, tmp_path: Path) -> None:
     report = fetch(tmp_path, base_url=mirror.base, progress=False)
 
     assert report.ok and len(report.downloaded) == N_FILES and not report.hash_mismatches
-    assert report.ref == "main" and report.base_url.endswith("/main/")
-    assert {h.ref for h in mirror.hits} == {"main"}
+    # the default ref is the commit the manifest's hashes were taken from (reproducible downloads)
+    assert report.ref == data_mod.PINNED_COMMIT and report.base_url.endswith(f"/{data_mod.PINNED_COMMIT}/")
+    assert {h.ref for h in mirror.hits} == {data_mod.PINNED_COMMIT}
     assert all(h.status == 200 for h in mirror.hits)  # upstream layout: first candidate URL always works
     assert "dataset/splits/harmless_train.json" in {h.path for h in mirror.hits}
     for name, entry in ENTRIES.items():
         assert _sha(tmp_path / name) == entry["sha256"], name
     assert not list(tmp_path.rglob("*.part"))
     record = json.loads((tmp_path / FETCH_RECORD_NAME).read_text())
-    assert record["last_fetch"]["ref"] == "main"
+    assert record["last_fetch"]["ref"] == data_mod.PINNED_COMMIT
     assert record["files"]["LICENSE"]["matches_manifest"] is True
     json.dumps(report.to_dict())
 
@@ -461,3 +462,11 @@ def test_verify_empty_directory_is_not_ok(tmp_path: Path) -> None:
     result = verify(tmp_path)
     assert not result.ok and not result.present
     assert "pyrefusal data fetch" in result.to_markdown()
+
+
+def test_a_different_license_file_does_not_fail_the_fetch(mirror: Mirror, tmp_path: Path) -> None:
+    """LICENSE is not data: upstream bytes that differ are accepted (and recorded), data files stay strict."""
+    mirror.corrupt.add("LICENSE")
+    report = fetch(tmp_path, base_url=mirror.base, progress=False, include_pools=False)
+    assert (tmp_path / "LICENSE").exists()
+    assert "LICENSE" in [f.name for f in report.files if f.hash_matches is False]
