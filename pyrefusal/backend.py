@@ -323,6 +323,19 @@ class Runtime:
         self._sha256 = sha256
         self._eoi: list[int] | None = None
 
+    @classmethod
+    def open(cls, spec: str, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> Runtime:
+        """Resolve ``spec`` (registry name, local path or hub spec; see :func:`pyrefusal.registry.resolve_model`)
+        and load it, carrying over its verified sha256 and registry name. ``kwargs`` go to the constructor.
+        """
+        from pyrefusal.registry import resolve_model  # the registry does not depend on the runtime
+
+        resolved = resolve_model(spec)
+        if log is not None:
+            log(f"model: {resolved.path} ({resolved.source})")
+        kwargs.setdefault("name", resolved.entry.name if resolved.entry else None)
+        return cls(resolved.path, sha256=resolved.sha256, **kwargs)
+
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -678,11 +678,9 @@ def data_build(
     from pyrefusal.backend import Runtime
     from pyrefusal.build import LlamaTranslator, build_language
     from pyrefusal.dataset import default_data_dir
-    from pyrefusal.registry import resolve_model
 
     try:
-        resolved = resolve_model(translator_model)
-        with Runtime(resolved.path, n_seq_max=n_seq, sha256=resolved.sha256) as rt:
+        with Runtime.open(translator_model, name=None, n_seq_max=n_seq) as rt:
             names = {lang: language_name} if language_name else None
             tr = LlamaTranslator(rt, max_new_tokens=max_new_tokens, batch_size=n_seq, language_names=names)
             reports = build_language(

@@ -1177,7 +1177,6 @@ def run_transfer(
         PyrefusalError: settings clash with ``out``, unknown languages/condition, or selection fails.
     """
     from pyrefusal.backend import Runtime, build_info
-    from pyrefusal.registry import resolve_model
 
     if config.condition not in TRANSFER_CONDITIONS:
         raise PyrefusalError(
@@ -1201,17 +1200,14 @@ def run_transfer(
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    resolved = resolve_model(config.model)
-    log(f"model: {resolved.path} ({resolved.source})")
     t = time.perf_counter()
-    rt = Runtime(
-        resolved.path,
+    rt = Runtime.open(
+        config.model,
+        log=log,
         n_ctx=config.n_ctx,
         n_seq_max=config.n_seq_max,
         n_gpu_layers=config.n_gpu_layers,
         n_threads=config.n_threads,
-        sha256=resolved.sha256,
-        name=resolved.entry.name if resolved.entry else None,
     )
     timings["load_model"] = time.perf_counter() - t
     detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")

@@ -243,20 +243,18 @@ def _judge(
 ) -> dict[str, dict[str, Any]]:
     """Judge harmful completions with a guard GGUF (English instruction + the response as generated)."""
     from pyrefusal.judge import GuardJudge
-    from pyrefusal.registry import resolve_model
 
     if not config.judge_model:
         raise PyrefusalError(f"--judge {config.judge} needs --judge-model (a local GGUF of the guard model)")
-    resolved = resolve_model(config.judge_model)
     english = {p.id: (p.text_en or p.text) for kinds in test.values() for p in kinds.get("harmful", [])}
     harmful = [c for c in completions if c.kind == "harmful"]
-    with Runtime(
-        resolved.path,
+    with Runtime.open(
+        config.judge_model,
+        name=None,  # the guard's own general.name, as recorded in judge names
         n_ctx=4096,
         n_seq_max=8,
         n_gpu_layers=config.n_gpu_layers,
         n_threads=config.n_threads,
-        sha256=resolved.sha256,
     ) as jr:
         judge = GuardJudge(jr, config.judge, cache_path=paths.root / "judge_cache.jsonl")  # type: ignore[arg-type]
         verdicts = judge.judge_pairs([english[c.prompt_id] for c in harmful], [c.response for c in harmful])
@@ -298,7 +296,6 @@ def run_pipeline(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
-    from pyrefusal.registry import resolve_model
 
     bad = [c for c in config.conditions if c not in CONDITIONS]
     if bad:
@@ -321,16 +318,13 @@ def run_pipeline(
             raise DataError(f"language {lang!r} has no files in {data_dir}; available: {data.languages()}")
 
     t = time.perf_counter()
-    resolved = resolve_model(config.model)
-    log(f"model: {resolved.path} ({resolved.source})")
-    rt = Runtime(
-        resolved.path,
+    rt = Runtime.open(
+        config.model,
+        log=log,
         n_ctx=config.n_ctx,
         n_seq_max=config.n_seq_max,
         n_gpu_layers=config.n_gpu_layers,
         n_threads=config.n_threads,
-        sha256=resolved.sha256,
-        name=resolved.entry.name if resolved.entry else None,
     )
     timings["load_model"] = time.perf_counter() - t
     try:
