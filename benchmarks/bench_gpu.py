@@ -417,7 +417,7 @@ def bench_model(
     seqs = sorted(todo)
     n_ctx = -(-max(seqs) * (args.prompt_len + args.gen + 8) // 256) * 256
     t0 = time.perf_counter()
-    path = mrg.ensure_model(shape, dtype, args.model_dir)
+    path = mrg.ensure_model(shape, dtype, args.model_dir, direct=args.direct_quant)
     make_s = time.perf_counter() - t0
     kw = {"n_ctx": n_ctx, "n_seq_max": max(seqs), "n_threads": args.threads, "sha256": "not-computed"}
     t0 = time.perf_counter()
@@ -792,6 +792,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the shapes (CPU tests)")
     ap.add_argument("--dtype", default="q4_k_m,f16", help="comma-separated: q4_k_m, f16")
     ap.add_argument("--model-dir", type=Path, default=Path("build/random-gguf"), help="random GGUFs (made if missing)")
+    ap.add_argument(
+        "--direct-quant",
+        action="store_true",
+        help="write missing Q4_K_M models directly as random blocks (seconds) instead of F16 + llama.cpp's quantizer",
+    )
     ap.add_argument("--seqs", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen", type=int, default=128)
@@ -881,7 +886,9 @@ def main(argv: list[str] | None = None) -> None:
         names = [s.name.split("@")[0] for s in shapes]
         mname = args.memory_shape or ("llama-3.1-8b" if "llama-3.1-8b" in names else names[-1])
         if left() > 60:
-            path = mrg.ensure_model(mrg.get_shape(mname, args.scale), "q4_k_m", args.model_dir)
+            path = mrg.ensure_model(
+                mrg.get_shape(mname, args.scale), "q4_k_m", args.model_dir, direct=args.direct_quant
+            )
             res["memory"] = run_memory_probe(args, path, timeout=min(left(), 900))
             log(f"memory: {json.dumps({k: v for k, v in res['memory'].items() if k != 'buffers_mib'})}")
             save(res, stem, args)

@@ -26,7 +26,10 @@ How the file is written:
   ``1/sqrt(fan_in)`` (embeddings about 0.3); that is ~10x faster than drawing normals. Norm gains
   are ``1 + small noise`` and biases small, in F32 as llama.cpp's converter writes them.
 * Q4_K_M: the F16 file is quantized by llama.cpp itself (``llama_model_quantize`` with
-  ``LLAMA_FTYPE_MOSTLY_Q4_K_M``), in a child process that imports ``llama_cpp`` first.
+  ``LLAMA_FTYPE_MOSTLY_Q4_K_M``), in a child process that imports ``llama_cpp`` first. With
+  ``--direct`` the file is written in the Q4_K_M recipe's block types at once instead: random
+  quant bytes with fixed, finite super-scales per tensor (seconds for 7B instead of minutes, no
+  F16 file; llama.cpp's quantizer is not needed). Same tensor types and sizes, so the same speed.
 * Tokenizer: a compact SentencePiece vocabulary (control tokens, the 256 byte tokens, printable
   ASCII) padded with ``UNUSED`` tokens up to the real vocabulary size, so the embedding and the LM
   head have their real shapes; ChatML template.
@@ -36,6 +39,7 @@ Usage::
     python benchmarks/make_random_gguf.py --shape qwen2.5-7b --dry-run
     python benchmarks/make_random_gguf.py --shape qwen2.5-7b --dtype q4_k_m --out models/qwen7b-q4_k_m.gguf --keep-f16
     python benchmarks/make_random_gguf.py --shape llama-3.1-8b --scale 0.0625 --dtype q4_k_m --out /tmp/l8.gguf
+    python benchmarks/make_random_gguf.py --shape qwen2.5-7b --dtype q4_k_m --direct --out /tmp/q7.gguf
 
 This module must not import ``llama_cpp`` (``paper_stack.py`` imports it for the shapes, and
 llama.cpp must be imported before NumPy in CUDA processes).
@@ -413,64 +417,183 @@ def tensor_values(t: TensorPlan, shape: Shape, seed: tuple[int, ...], workers: i
 # --- writing ---------------------------------------------------------------------------------
 
 
-def write_f16(shape: Shape, path: Path, seed: int = 0, log: bool = True, workers: int | None = None) -> Path:
-    """Write an F16 random-weight GGUF of ``shape`` to ``path``, streaming tensor by tensor.
+def _add_metadata(w: gguf.GGUFWriter, shape: Shape, file_type: int) -> None:
+    """Architecture, tokenizer and chat template keys of a random model of ``shape``."""
+    w.add_name(f"random-{shape.name}")
+    w.add_description("random weights with the tensor shapes of a real model; for benchmarks only")
+    w.add_file_type(file_type)
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_layer_norm_rms_eps(shape.rms_eps)
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_vocab_size(shape.n_vocab)
+    texts, scores, types = compact_vocab(shape.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(texts)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_eot_token_id(SPECIAL_TOKENS.index("<|im_end|>"))
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(CHATML)
 
-    ``workers`` threads draw the values (default: all cores); the file does not depend on it.
+
+def _write_streamed(
+    shape: Shape,
+    path: Path,
+    file_type: int,
+    infos: list[tuple[TensorPlan, str]],
+    values: Any,
+    log: bool,
+) -> Path:
+    """Write the header, then each tensor's data as ``values(i, plan, ggml_type)`` returns it.
+
+    Tensors are produced and written one at a time, so memory stays at about one tensor.
+    ``infos`` pairs each tensor of the plan with its GGML type name (``F32``, ``F16``, ``Q4_K`` ...).
     """
-    plan = plan_tensors(shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     t0 = time.perf_counter()
     w = gguf.GGUFWriter(str(tmp), shape.arch)
     try:
-        w.add_name(f"random-{shape.name}")
-        w.add_description("random weights with the tensor shapes of a real model; for benchmarks only")
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        w.add_context_length(shape.n_ctx_train)
-        w.add_embedding_length(shape.n_embd)
-        w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(shape.n_ff)
-        w.add_head_count(shape.n_head)
-        w.add_head_count_kv(shape.n_head_kv)
-        w.add_layer_norm_rms_eps(shape.rms_eps)
-        w.add_rope_freq_base(shape.rope_theta)
-        w.add_rope_dimension_count(shape.head_dim)
-        w.add_vocab_size(shape.n_vocab)
-        texts, scores, types = compact_vocab(shape.n_vocab)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(texts)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_eot_token_id(SPECIAL_TOKENS.index("<|im_end|>"))
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
-        w.add_chat_template(CHATML)
-        for t in plan:
-            dtype = np.float32 if len(t.shape) == 1 else np.float16
-            w.add_tensor_info(t.name, t.shape, np.dtype(dtype), t.n_elements * np.dtype(dtype).itemsize)
+        _add_metadata(w, shape, file_type)
+        for t, ggml_type in infos:
+            if ggml_type in ("F32", "F16"):
+                dtype = np.dtype(np.float32 if ggml_type == "F32" else np.float16)
+                w.add_tensor_info(t.name, t.shape, dtype, t.n_elements * dtype.itemsize)
+            else:
+                # quantized: byte shape (rows, bytes per row) + raw type, as gguf-py expects
+                nbytes = tensor_bytes(t, ggml_type)
+                rows = t.n_elements // t.fan_in
+                w.add_tensor_info(
+                    t.name,
+                    (rows, nbytes // rows),
+                    np.dtype(np.uint8),
+                    nbytes,
+                    raw_dtype=gguf.GGMLQuantizationType[ggml_type],
+                )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         written = 0
-        for i, t in enumerate(plan):
-            values = tensor_values(t, shape, (seed, i), workers)
-            w.write_tensor_data(values)
-            written += values.nbytes
-            del values
-            if log and (i % 50 == 0 or i == len(plan) - 1):
+        for i, (t, ggml_type) in enumerate(infos):
+            data = values(i, t, ggml_type)
+            w.write_tensor_data(data)
+            written += data.nbytes
+            del data
+            if log and (i % 50 == 0 or i == len(infos) - 1):
                 rate = written / max(time.perf_counter() - t0, 1e-9) / 1e6
-                print(f"  {i + 1}/{len(plan)} tensors, {written / 1e9:.2f} GB ({rate:.0f} MB/s)", flush=True)
+                print(f"  {i + 1}/{len(infos)} tensors, {written / 1e9:.2f} GB ({rate:.0f} MB/s)", flush=True)
     finally:
         w.close()
     tmp.replace(path)
     if log:
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
+
+
+def write_f16(shape: Shape, path: Path, seed: int = 0, log: bool = True, workers: int | None = None) -> Path:
+    """Write an F16 random-weight GGUF of ``shape`` to ``path``, streaming tensor by tensor.
+
+    ``workers`` threads draw the values (default: all cores); the file does not depend on it.
+    """
+    infos = [(t, "F32" if len(t.shape) == 1 else "F16") for t in plan_tensors(shape)]
+    return _write_streamed(
+        shape,
+        path,
+        gguf.LlamaFileType.MOSTLY_F16,
+        infos,
+        lambda i, t, _type: tensor_values(t, shape, (seed, i), workers),
+        log,
+    )
+
+
+# Random K-quant blocks: where the block's f16 super-scales sit (byte offsets of d and dmin; None:
+# no dmin) and the standard deviation of a dequantized value in units of d when every other byte
+# of the block is uniformly random (6-bit scales and mins, 4/5/6-bit quants; for Q6_K int8 scales).
+# With dmin = ZERO_POINT * d the mean is zero. Derivation: value = d*sc*q - dmin*m with sc, m
+# uniform on 0..63 and q on 0..2^b-1, so var = d^2 (E[sc^2]E[q^2] - E[sc]^2 E[q]^2) + dmin^2 var(m).
+_BLOCK_SCALES: dict[str, tuple[int, int | None, float, float]] = {
+    #        d offset, dmin offset, std / d, dmin / d
+    "Q4_K": (0, 2, 257.0, 7.5),
+    "Q5_K": (0, 2, 524.0, 15.5),
+    "Q6_K": (208, None, 1366.0, 0.0),
+}
+
+
+class RandomBytes:
+    """A fixed pool of random bytes that tensors are cut from at random offsets.
+
+    Throughput does not depend on which random bits a weight has, so one pool of ``size``
+    bytes, drawn once, serves every tensor: a 4.7 GB Q4_K_M file then costs little more than
+    the disk write. Blocks repeat across tensors; values inside a block are uniform.
+    """
+
+    def __init__(self, seed: int, size: int = 1 << 26) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._pool = np.frombuffer(self._rng.bytes(2 * size), dtype=np.uint8)
+        self._size = size
+
+    def take(self, n: int) -> np.ndarray:
+        """``n`` random bytes (a new array)."""
+        out = np.empty(n, dtype=np.uint8)
+        done = 0
+        while done < n:
+            k = min(n - done, self._size)
+            off = int(self._rng.integers(0, self._size))
+            out[done : done + k] = self._pool[off : off + k]
+            done += k
+        return out
+
+
+def random_quant_tensor(t: TensorPlan, ggml_type: str, std: float, pool: RandomBytes) -> np.ndarray:
+    """Random blocks of a K-quant type whose dequantized values have about ``std`` and mean 0.
+
+    Returns the tensor's bytes as ``(rows, bytes_per_row)`` uint8. Every byte is random except
+    the per-block f16 super-scales ``d`` (and ``dmin``), which are set so that no value is NaN
+    or infinite and the spread matches :func:`tensor_values` (``1/sqrt(fan_in)``).
+    """
+    nbytes, block = _TYPE_BLOCK[ggml_type]
+    d_off, dmin_off, std_per_d, zero = _BLOCK_SCALES[ggml_type]
+    n_blocks = t.n_elements // block
+    raw = pool.take(n_blocks * nbytes).reshape(n_blocks, nbytes)
+    d = np.float16(std / std_per_d)
+    raw[:, d_off : d_off + 2] = np.frombuffer(d.tobytes(), dtype=np.uint8)
+    if dmin_off is not None:
+        dmin = np.float16(std / std_per_d * zero)
+        raw[:, dmin_off : dmin_off + 2] = np.frombuffer(dmin.tobytes(), dtype=np.uint8)
+    rows = t.n_elements // t.fan_in
+    return raw.reshape(rows, -1)
+
+
+def write_direct(shape: Shape, path: Path, dtype: str = "q4_k_m", seed: int = 0, log: bool = True) -> Path:
+    """Write a random model directly in ``dtype``'s block types, without an F16 file or llama.cpp.
+
+    Tensor types follow llama.cpp's Q4_K_M recipe as :func:`_q4_k_m_type` models it (checked
+    against ``llama_model_quantize`` by the tests); blocks are random (:func:`random_quant_tensor`).
+    Seconds instead of minutes for a 7B model, which matters on a GPU machine lent by the minute.
+    """
+    if dtype != "q4_k_m":
+        raise SystemExit(f"direct writing supports q4_k_m only, not {dtype}")
+    pool = RandomBytes(seed)
+    infos = [(t, _q4_k_m_type(t, shape.n_layer)) for t in plan_tensors(shape)]
+
+    def values(i: int, t: TensorPlan, ggml_type: str) -> np.ndarray:
+        if ggml_type in ("F32", "F16"):
+            return tensor_values(t, shape, (seed, i))
+        std = 0.3 if t.kind == "embedding" else 1.0 / math.sqrt(t.fan_in)
+        return random_quant_tensor(t, ggml_type, std, pool)
+
+    return _write_streamed(shape, path, gguf.LlamaFileType.MOSTLY_Q4_K_M, infos, values, log)
 
 
 _QUANTIZE_CHILD = """
@@ -523,11 +646,16 @@ def model_file(model_dir: Path, shape: Shape, dtype: str) -> Path:
     return model_dir / f"random-{shape.name.replace('@', '-s')}-{dtype}.gguf"
 
 
-def ensure_model(shape: Shape, dtype: str, model_dir: Path, seed: int = 0, threads: int = 0) -> Path:
-    """Path of the random model, written (and quantized from the F16 file) when missing."""
+def ensure_model(
+    shape: Shape, dtype: str, model_dir: Path, seed: int = 0, threads: int = 0, direct: bool = False
+) -> Path:
+    """Path of the random model, written when missing: quantized from the F16 file by llama.cpp,
+    or with ``direct`` written in its block types at once (:func:`write_direct`)."""
     path = model_file(model_dir, shape, dtype)
     if path.is_file():
         return path
+    if direct and dtype != "f16":
+        return write_direct(shape, path, dtype, seed)
     f16 = model_file(model_dir, shape, "f16")
     if not f16.is_file():
         write_f16(shape, f16, seed)
@@ -571,6 +699,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep-f16", action="store_true", help="keep the intermediate F16 file of a quantized model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="threads for values and quantization (0 = all cores)")
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="write a quantized dtype directly as random blocks (seconds; no F16 file, no llama.cpp)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print tensors, parameter count and sizes; write nothing")
     args = ap.parse_args(argv)
     shape = get_shape(args.shape, args.scale)
@@ -581,6 +714,9 @@ def main(argv: list[str] | None = None) -> None:
     workers = args.threads or None
     if args.dtype == "f16":
         write_f16(shape, out, args.seed, workers=workers)
+        return
+    if args.direct:
+        write_direct(shape, out, args.dtype, args.seed)
         return
     src = args.f16
     made = False

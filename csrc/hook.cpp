@@ -247,7 +247,8 @@ bool Hook::on_data(ggml_tensor * t) {
         stats_.device_nodes++;
 #ifdef PYREFUSAL_WITH_CUDA
         const char * buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer));
-        if (t->type == GGML_TYPE_F32 && buft != nullptr && std::strncmp(buft, "CUDA", 4) == 0) {
+        if (t->type == GGML_TYPE_F32 && buft != nullptr && std::strncmp(buft, "CUDA", 4) == 0 &&
+            cuda::same_device(cuda_state_, t->data)) {
             float * rows = static_cast<float *>(t->data);
             if (modifies) {
                 std::string err = cuda::apply_inplace(cuda_state_, rows, n_rows, n_embd_, ops.ablate && n_dirs_ > 0,
@@ -260,18 +261,27 @@ bool Hook::on_data(ggml_tensor * t) {
                 if (ops.add_index >= 0) stats_.rows_added += n_rows;
             }
             if (row_map != nullptr) {
+                // one gather kernel + one device-to-host copy for all captured rows of the node
+                gather_rows_.clear();
+                gather_slots_.clear();
                 for (int64_t r = 0; r < n_rows; ++r) {
                     const int slot = (*row_map)[r];
                     if (slot < 0) continue;
-                    float * dst = capture_.data() +
-                                  (static_cast<size_t>(slot) * cap_layers_ + ops.capture_layer) * n_embd_;
-                    std::string err = cuda::copy_row_to_host(rows, r, n_embd_, dst);
-                    if (!err.empty()) {
-                        fail("pyrefusal hook (CUDA): " + err);
-                        return false;
-                    }
-                    stats_.rows_captured++;
+                    gather_rows_.push_back(static_cast<int>(r));
+                    gather_slots_.push_back(slot);
                 }
+                const float * host = nullptr;
+                std::string err = cuda::gather_rows_to_host(cuda_state_, rows, n_embd_, gather_rows_, &host);
+                if (!err.empty()) {
+                    fail("pyrefusal hook (CUDA): " + err);
+                    return false;
+                }
+                for (size_t j = 0; j < gather_slots_.size(); ++j) {
+                    float * dst = capture_.data() +
+                                  (static_cast<size_t>(gather_slots_[j]) * cap_layers_ + ops.capture_layer) * n_embd_;
+                    std::memcpy(dst, host + j * static_cast<size_t>(n_embd_), sizeof(float) * n_embd_);
+                }
+                stats_.rows_captured += static_cast<int64_t>(gather_slots_.size());
             }
             stats_.cuda_kernel_nodes++;
             return true;

@@ -119,6 +119,8 @@ private:
     std::vector<std::string> names_;
 
     std::vector<float> scratch_;                 // host copy of a device / half tensor
+    std::vector<int> gather_rows_;               // CUDA capture: rows of the node to copy
+    std::vector<int> gather_slots_;              // ... and the capture slot of each
     std::string error_;
     HookStats stats_;
     mutable std::mutex mu_;

@@ -435,6 +435,11 @@ class Runtime:
             )
         return self._formatter
 
+    def format_messages(self, messages: list[dict[str, str]]) -> str:
+        """Render a conversation (``[{"role": ..., "content": ...}, ...]``) with the GGUF's own
+        chat template, ending with the assistant's turn opened (``add_generation_prompt``)."""
+        return self._chat_formatter()(messages=messages).prompt  # type: ignore[arg-type]
+
     def format_chat(self, instruction: str, system: str | None = None) -> str:
         """Render one user turn with the GGUF's own chat template, ready for the reply.
 
@@ -445,7 +450,7 @@ class Runtime:
         if system is not None:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction})
-        return self._chat_formatter()(messages=messages).prompt  # type: ignore[arg-type]
+        return self.format_messages(messages)
 
     def chat_tokens(self, instruction: str, system: str | None = None) -> list[int]:
         """Tokens of a formatted chat prompt (as llama-cpp-python's chat completion tokenises it)."""

@@ -277,7 +277,7 @@ class GuardJudge:
             return WILDGUARD_TEMPLATE.format(prompt=prompt_en, response=response)
         messages = [{"role": "user", "content": prompt_en}, {"role": "assistant", "content": response}]
         # The same Jinja2 formatter Runtime.format_chat renders single turns with.
-        return self.runtime._chat_formatter()(messages=messages).prompt
+        return self.runtime.format_messages(messages)
 
     def prompt_tokens(self, prompt_en: str, response: str) -> tuple[list[int], bool]:
         """Tokens of the guard input, the response shortened when prompt + answer exceed ``n_ctx``.

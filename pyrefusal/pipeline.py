@@ -35,6 +35,7 @@ from pyrefusal.directions import Candidates, mean_difference, random_like
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, summarize
 from pyrefusal.refusal import SubstringDetector
+from pyrefusal.rundir import check_config, write_config
 from pyrefusal.selection import Selection, SelectionRule, refusal_scores, refusal_token_ids, select_direction
 
 Log = Callable[[str], None]
@@ -117,15 +118,8 @@ class RunPaths:
 
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if paths.config.exists() and not force:
-        old = json.loads(paths.config.read_text())
-        if old != json.loads(json.dumps(config.to_dict())):
-            diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
-            raise PyrefusalError(
-                f"{paths.root} holds a run with another configuration {diff}. Use another --out, or "
-                "--force to start over in this directory."
-            )
+    """Refuse a directory that holds a run of another configuration; with ``force`` clear it."""
+    check_config(paths.root, config.to_dict(), what="run", force=force)
     if force:
         for p in (
             paths.prompts,
@@ -138,7 +132,7 @@ def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
             paths.report,
         ):
             p.unlink(missing_ok=True)
-    paths.config.write_text(json.dumps(config.to_dict(), indent=1))
+    write_config(paths.root, config.to_dict())
 
 
 def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, Any]:

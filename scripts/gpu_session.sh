@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
 # pyrefusal on the GPU machine: CUDA builds, GPU tests, random 7B/8B models, the benchmark table.
 #
-# The GPU machine has no network and each command there may run 10 minutes (30 minutes of device
-# time per session), so the work is split into phases that keep their state in build/gpu/ (ignored
-# by git, kept between calls while the machine stays warm). Everything a phase produces (logs,
-# results) is copied to $OUT, which the device tool brings back.
+# A task that is lent a GPU gets 15 minutes of device time in all (machine start included) and 10
+# minutes per command, so everything that can happen here happens here, and the GPU does one call:
 #
-#   0. here, on a machine with the package registry (once):   scripts/gpu_session.sh prepare
+#   0. here, on a machine with the package registry:        scripts/gpu_session.sh prepare
 #      -> .gpu/ (trimmed llama-cpp-python source, gguf/diskcache wheels, pytest wheels in .gpu/extra)
-#   1. device call, carry [".gpu"]:  bash scripts/gpu_session.sh build   (~6-7 min)
-#      wheels; llama-cpp-python with CUDA (~5.5 min, 16 jobs) while the F16 random models are written
-#   2. device call, carry [".gpu"]:  bash scripts/gpu_session.sh test    (~9.5 min)
-#      pyrefusal with PYREFUSAL_CUDA=ON while Q4_K_M models are quantized; pytest -m gpu tests/test_cuda.py;
-#      then benchmarks/bench_gpu.py until 9 minutes are used (memory probe, paper stack, Q4_K_M rows first)
-#   3. device call, carry [".gpu"]:  bash scripts/gpu_session.sh bench   (<= 9.5 min)
-#      bench_gpu.py --append: measures only what is still missing (F16 rows); repeat if rows were skipped
-#      for time. Every call leaves the table so far in $OUT/results (<gpu-name>-<date>.md/.json).
+#      PREBUILD=1 scripts/gpu_session.sh prepare  also compiles llama-cpp-python with CUDA here
+#      (nvcc only, no GPU; cuBLAS headers/libraries from PyPI; ~1.5-2 h on 2 cores, start it early)
+#      -> .gpu/prebuilt/llama_cpp_python-*.whl, which saves ~5.5 min of the GPU's 15.
+#   1. device call, carry [".gpu"], timeout_s 600:           bash scripts/gpu_session.sh run
+#      install (prebuilt wheel, or build llama-cpp-python with CUDA: ~5.5 min on 16 cores), build
+#      pyrefusal with PYREFUSAL_CUDA=ON, pytest -m gpu tests/test_cuda.py, then bench_gpu.py until
+#      LIMIT seconds of the call are used: memory probe, paper stack, Q4_K_M rows (models written
+#      directly as random blocks: seconds), then F16 rows (F16 models written when reached).
+#   2. only if device time is left, at once (the machine stays warm 30 s):
+#      device call, carry [".gpu"]:  LIMIT=<s> bash scripts/gpu_session.sh bench   (--append: the rest)
+#   Every call leaves its logs and the table so far in $OUT (logs-<phase>.txt, results/<gpu>-<date>.md/.json).
 #   (without time limits: bash scripts/gpu_session.sh all)
 #
-# Environment: PYTHON (python3), CUDA_ARCH (90a: H100/H200), JOBS (nproc), LIMIT (540: seconds a call
-# may use before bench_gpu.py starts nothing new), SHAPES (qwen2.5-7b,llama-3.1-8b), BENCH_ARGS (extra
-# bench_gpu.py arguments, e.g. "--gen 256").
+# Environment: PYTHON (python3), CUDA_ARCH (90a: H100/H200), JOBS (nproc), LIMIT (seconds of the
+# call after which bench_gpu.py starts nothing new; run: 540, bench: 240), SHAPES
+# (qwen2.5-7b,llama-3.1-8b), BENCH_ARGS (extra bench_gpu.py arguments, e.g. "--gen 256").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,7 +35,7 @@ SITE=$WORK/site
 MODELS=$WORK/models
 RESULTS=$WORK/results
 OUT=${OUT:-$WORK/out}
-LOGS=$OUT/logs
+LOGS=$WORK/logs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -d /usr/local/cuda/bin ] && export PATH=$PATH:/usr/local/cuda/bin
 
@@ -49,11 +50,15 @@ use_site() {
   export PYTHONSAFEPATH=1
 }
 
+# The device tool brings back at most 8 files from $OUT: one log file (every log of the machine,
+# concatenated) and the result table (.md + .json).
 collect() {
   mkdir -p "$OUT/results"
-  cp -f "$RESULTS"/* "$OUT/results/" 2>/dev/null || true
+  cp -f "$RESULTS"/*.md "$RESULTS"/*.json "$OUT/results/" 2>/dev/null || true
   { nvidia-smi 2>/dev/null || echo "no nvidia-smi"; df -h "$ROOT" || true; ls -la "$MODELS" 2>/dev/null || true; } \
     > "$LOGS/machine-$phase.txt" 2>&1
+  local f
+  for f in "$LOGS"/*; do echo "===== $(basename "$f")"; cat "$f"; done > "$OUT/logs-$phase.txt" 2>/dev/null || true
 }
 
 prepare() {
@@ -65,25 +70,59 @@ prepare() {
   # pytest for the GPU tests, installed there only when the image lacks it
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform any -d .gpu/extra pytest pluggy iniconfig packaging pygments
+  [ "${PREBUILD:-0}" = 1 ] && prebuild
   du -sh .gpu
   ls -la .gpu .gpu/extra
 }
 
-make_f16() {
-  local s
-  for s in ${SHAPES//,/ }; do
-    [ -f "$MODELS/random-$s-f16.gguf" ] && continue
-    $PY benchmarks/make_random_gguf.py --shape "$s" --dtype f16 --threads "${1:-4}" --out "$MODELS/random-$s-f16.gguf"
-  done
+# Compile llama-cpp-python with CUDA on this machine (nvcc, no GPU) into .gpu/prebuilt/.
+# cuBLAS comes from its PyPI wheel (headers + libraries for linking; the GPU image has its own
+# libcublas.so.13 for running), the driver library from a stub that only carries the soname
+# libcuda.so.1 (the real driver resolves the symbols at run time). CPU code is built for AVX2
+# instead of -march=native, since it runs on another machine.
+prebuild() {
+  command -v nvcc >/dev/null || { echo "prebuild needs nvcc (the CUDA toolkit's compiler)"; exit 2; }
+  local tk=$ROOT/build/gpu-prebuild/toolkit src log=$ROOT/build/gpu-prebuild/llama-build.log
+  mkdir -p "$tk/lib/stubs" .gpu/prebuilt
+  if [ ! -f "$tk/lib/libcublas.so" ]; then
+    $PY -m pip download -q --no-deps --only-binary=:all: -d "$tk" "nvidia-cublas==${CUBLAS_VERSION:-13.0.0.19}"
+    (cd "$tk" && $PY -m zipfile -e nvidia_cublas-*.whl wheel && rm -f nvidia_cublas-*.whl)
+    cp -r "$tk"/wheel/nvidia/cu13/include "$tk/include"
+    cp "$tk"/wheel/nvidia/cu13/lib/libcublas.so.13 "$tk"/wheel/nvidia/cu13/lib/libcublasLt.so.13 "$tk/lib/"
+    ln -sf libcublas.so.13 "$tk/lib/libcublas.so"; ln -sf libcublasLt.so.13 "$tk/lib/libcublasLt.so"
+    rm -rf "$tk/wheel"
+  fi
+  echo 'void pyrefusal_libcuda_stub(void) {}' > "$tk/stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tk/lib/stubs/libcuda.so" "$tk/stub.c"
+  src=$(mktemp -d)
+  tar xzf .gpu/llama-cpp-python-trim.tar.gz -C "$src"
+  log "prebuilding llama-cpp-python $LLAMA_VERSION with CUDA (arch $ARCH, $JOBS jobs; log: $log)"
+  (cd "$src/llama-cpp-python" && CMAKE_BUILD_PARALLEL_LEVEL=$JOBS CMAKE_ARGS="-DGGML_CUDA=on \
+      -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+      -DGGML_FMA=ON -DGGML_F16C=ON -DCUDA_cublas_LIBRARY=$tk/lib/libcublas.so \
+      -DCUDA_cublasLt_LIBRARY=$tk/lib/libcublasLt.so -DCUDA_cuda_driver_LIBRARY=$tk/lib/stubs/libcuda.so \
+      -DCMAKE_CUDA_FLAGS=-I$tk/include -DCMAKE_CXX_FLAGS=-I$tk/include" \
+      $PY -m pip wheel --no-build-isolation --no-deps -w "$ROOT/.gpu/prebuilt" .) > "$log" 2>&1 \
+    || { tail -40 "$log"; exit 1; }
+  rm -rf "$src"
+  ls -la .gpu/prebuilt
 }
 
-make_q4() {
-  local s
-  for s in ${SHAPES//,/ }; do
-    [ -f "$MODELS/random-$s-q4_k_m.gguf" ] && continue
-    $PY benchmarks/make_random_gguf.py --shape "$s" --dtype q4_k_m --f16 "$MODELS/random-$s-f16.gguf" \
-      --out "$MODELS/random-$s-q4_k_m.gguf"
+# A prebuilt wheel links libcudart.so.13 / libcublas.so.13 by soname: find the GPU image's copies
+# (the CUDA toolkit, or the nvidia-* wheels torch brings) and put them on the loader's path.
+cuda_libs() {
+  local d dirs=""
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/libcublas.so.13" ] && dirs=$dirs:$d
   done
+  if [ -z "$dirs" ]; then
+    d=$(find / -xdev -name 'libcublas.so.13' -path '*nvidia*' 2>/dev/null | head -1 || true)
+    [ -n "$d" ] && dirs=:$(dirname "$d")
+    d=$(find / -xdev -name 'libcudart.so.13' 2>/dev/null | head -1 || true)
+    [ -n "$d" ] && dirs=$dirs:$(dirname "$d")
+  fi
+  export LD_LIBRARY_PATH=${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$LOGS/ld-library-path.txt"
 }
 
 build() {
@@ -92,11 +131,14 @@ build() {
   $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .gpu/*.whl
   use_site
   $PY -c 'import pytest' 2>/dev/null || $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .gpu/extra/*.whl
-  log "F16 random models in the background ($SHAPES)"
-  make_f16 4 > "$LOGS/make-f16.log" 2>&1 &
-  local f16=$!
+  local pre
+  pre=$(ls .gpu/prebuilt/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -1 || true)
   if [ -f "$SITE/.llama-cuda-built" ]; then
-    log "llama-cpp-python with CUDA already built (this machine, earlier call)"
+    log "llama-cpp-python with CUDA already installed (this machine, earlier call)"
+  elif [ -n "$pre" ]; then
+    log "installing the prebuilt $(basename "$pre")"
+    $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$pre"
+    touch "$SITE/.llama-cuda-built"
   else
     log "building llama-cpp-python $LLAMA_VERSION with CUDA (arch $ARCH, $JOBS jobs)"
     local src
@@ -107,16 +149,13 @@ build() {
       > "$LOGS/llama-build.log" 2>&1 || { tail -50 "$LOGS/llama-build.log"; exit 1; }
     touch "$SITE/.llama-cuda-built"
   fi
-  wait "$f16" || { tail -20 "$LOGS/make-f16.log"; exit 1; }
-  tail -3 "$LOGS/make-f16.log"
+  cuda_libs
   $PY -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "GPU offload:", llama_cpp.llama_supports_gpu_offload())'
 }
 
 test_phase() {
   use_site
-  log "Q4_K_M models in the background"
-  make_q4 > "$LOGS/quantize.log" 2>&1 &
-  local q4=$!
+  cuda_libs
   log "building pyrefusal with PYREFUSAL_CUDA=ON"
   PYREFUSAL_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH" \
     $PY -m pip install --no-build-isolation --no-deps --upgrade --target "$SITE" . > "$LOGS/pyrefusal-build.log" 2>&1 \
@@ -127,30 +166,31 @@ test_phase() {
   local rc=0
   $PY -m pytest -p no:cacheprovider --import-mode=append -m gpu -rA tests/test_cuda.py 2>&1 | tee "$LOGS/pytest-gpu.txt" \
     || rc=$?
-  wait "$q4" || { tail -20 "$LOGS/quantize.log"; exit 1; }
-  tail -2 "$LOGS/quantize.log"
   return "$rc"
 }
 
 bench() {
   use_site
-  local deadline=$(( ${LIMIT:-540} - SECONDS ))  # SECONDS: time this call has run so far
-  [ "${LIMIT:-540}" -eq 0 ] && deadline=0       # LIMIT=0: no deadline
+  cuda_libs
+  local limit=${LIMIT:-${1:-540}}
+  local deadline=$(( limit - SECONDS ))  # SECONDS: time this call has run so far
+  [ "$limit" -eq 0 ] && deadline=0       # LIMIT=0: no deadline
   if [ "$deadline" -lt 0 ]; then log "no time left for bench_gpu.py in this call"; return 0; fi
   log "bench_gpu.py (deadline $deadline s; 0 = none)"
   # --append: a later `bench` call continues where this one stopped
   # shellcheck disable=SC2086
   $PY benchmarks/bench_gpu.py --shape "$SHAPES" --model-dir "$MODELS" --results "$RESULTS" --append \
-    --deadline-s "$deadline" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench.log"
+    --direct-quant --deadline-s "$deadline" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench.log"
 }
 
 mkdir -p "$LOGS"
 trap collect EXIT
 case "$phase" in
   prepare) trap - EXIT; prepare ;;
+  run) build; rc=0; test_phase || rc=$?; bench 540; exit "$rc" ;;
   build) build ;;
-  test) rc=0; test_phase || rc=$?; bench; exit "$rc" ;;
-  bench) bench ;;
+  test) rc=0; test_phase || rc=$?; bench 540; exit "$rc" ;;
+  bench) bench 240 ;;
   all) build; rc=0; test_phase || rc=$?; LIMIT=0 bench; exit "$rc" ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

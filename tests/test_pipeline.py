@@ -68,7 +68,7 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
     run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
     assert len((out / "completions.jsonl").read_text().splitlines()) == len(lines)
     # another configuration in the same directory is refused, not mixed
-    with pytest.raises(PyrefusalError, match="another configuration"):
+    with pytest.raises(PyrefusalError, match="other settings"):
         run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
 
 

@@ -1,9 +1,12 @@
 // pyrefusal/csrc/cuda/kernels.cu
 //
-// Fused in-place row kernel for the residual-stream hook on CUDA tensors: one thread block
-// per row computes the projections on all ablation directions (block reduction, double
-// accumulation), subtracts them, and adds the addition vector, in one pass over the row
-// held in registers/shared memory. See kernels.h for the synchronisation contract.
+// CUDA kernels of the residual-stream hook on device tensors (see kernels.h for the contract):
+//
+// * ablate_add_kernel: one thread block per row computes the projections on all ablation
+//   directions (block reduction, double accumulation, as the CPU path), subtracts them, and
+//   adds the addition vector: the whole edit in one launch for every row of the node.
+// * gather_rows_kernel: copies the rows a capture wants into a contiguous staging buffer, so
+//   that a node costs one device-to-host copy, not one per captured row.
 
 #include "kernels.h"
 
@@ -18,17 +21,58 @@ constexpr int kThreads = 256;
 constexpr int kMaxDirs = 16;
 
 struct State {
-    float * dirs = nullptr;   // (n_dirs, n_embd) device
+    int device = -1;             // device of everything below; -1 until first use
+    cudaStream_t stream = nullptr;
+    float * dirs = nullptr;      // (n_dirs, n_embd) device
     int n_dirs = 0;
-    float * adds = nullptr;   // (n_adds, n_embd) device
+    float * adds = nullptr;      // (n_adds, n_embd) device
     int n_adds = 0;
     int n_embd = 0;
-    cudaStream_t stream = nullptr;
+    // capture staging: row indices (host pinned -> device) and gathered rows (device -> host pinned)
+    int * idx_host = nullptr;
+    int * idx_dev = nullptr;
+    size_t idx_cap = 0;          // elements
+    float * stage_dev = nullptr;
+    float * stage_host = nullptr;
+    size_t stage_cap = 0;        // floats
 };
 
 std::string check(cudaError_t err, const char * what) {
     if (err == cudaSuccess) return {};
     return std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+/// Makes the state's device current for the lifetime of the guard, restoring the caller's after.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device) {
+        if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+        if (device >= 0 && device != prev_) {
+            switched_ = cudaSetDevice(device) == cudaSuccess;
+        }
+    }
+    ~DeviceGuard() {
+        if (switched_ && prev_ >= 0) cudaSetDevice(prev_);
+    }
+    DeviceGuard(const DeviceGuard &) = delete;
+    DeviceGuard & operator=(const DeviceGuard &) = delete;
+
+private:
+    int prev_ = -1;
+    bool switched_ = false;
+};
+
+/// Picks the current device on first use and creates the stream there.
+std::string ensure_stream(State * s) {
+    if (s->device < 0) {
+        std::string err = check(cudaGetDevice(&s->device), "cudaGetDevice");
+        if (!err.empty()) return err;
+    }
+    if (s->stream == nullptr) {
+        DeviceGuard guard(s->device);
+        return check(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    }
+    return {};
 }
 
 // Block-wide sum of one double per thread; result valid in every thread.
@@ -45,6 +89,7 @@ __device__ double block_sum(double v, double * shared) {
     return total;
 }
 
+// rows: (n_rows, n_embd), one block per row; dirs: (n_dirs, n_embd) orthonormal; add: (n_embd,) or null
 __global__ void ablate_add_kernel(float * rows, int n_embd, const float * dirs, int n_dirs, const float * add) {
     __shared__ double shared[kThreads];
     float * x = rows + static_cast<size_t>(blockIdx.x) * n_embd;
@@ -61,6 +106,47 @@ __global__ void ablate_add_kernel(float * rows, int n_embd, const float * dirs, 
     }
 }
 
+// out[j] = rows[idx[j]], one block per selected row; rows: (n_rows, n_embd), out: (n_sel, n_embd)
+__global__ void gather_rows_kernel(const float * rows, int n_embd, const int * idx, float * out) {
+    const float * src = rows + static_cast<size_t>(idx[blockIdx.x]) * n_embd;
+    float * dst = out + static_cast<size_t>(blockIdx.x) * n_embd;
+    for (int i = threadIdx.x; i < n_embd; i += blockDim.x) dst[i] = src[i];
+}
+
+void free_staging(State * s) {
+    if (s->idx_host) cudaFreeHost(s->idx_host);
+    if (s->idx_dev) cudaFree(s->idx_dev);
+    if (s->stage_host) cudaFreeHost(s->stage_host);
+    if (s->stage_dev) cudaFree(s->stage_dev);
+    s->idx_host = s->idx_dev = nullptr;
+    s->stage_host = s->stage_dev = nullptr;
+    s->idx_cap = s->stage_cap = 0;
+}
+
+std::string reserve_staging(State * s, size_t n_idx, size_t n_floats) {
+    if (n_idx > s->idx_cap) {
+        if (s->idx_host) cudaFreeHost(s->idx_host);
+        if (s->idx_dev) cudaFree(s->idx_dev);
+        s->idx_host = s->idx_dev = nullptr;
+        s->idx_cap = 0;
+        std::string err = check(cudaMallocHost(&s->idx_host, sizeof(int) * n_idx), "cudaMallocHost");
+        if (err.empty()) err = check(cudaMalloc(&s->idx_dev, sizeof(int) * n_idx), "cudaMalloc");
+        if (!err.empty()) return err;
+        s->idx_cap = n_idx;
+    }
+    if (n_floats > s->stage_cap) {
+        if (s->stage_host) cudaFreeHost(s->stage_host);
+        if (s->stage_dev) cudaFree(s->stage_dev);
+        s->stage_host = s->stage_dev = nullptr;
+        s->stage_cap = 0;
+        std::string err = check(cudaMallocHost(&s->stage_host, sizeof(float) * n_floats), "cudaMallocHost");
+        if (err.empty()) err = check(cudaMalloc(&s->stage_dev, sizeof(float) * n_floats), "cudaMalloc");
+        if (!err.empty()) return err;
+        s->stage_cap = n_floats;
+    }
+    return {};
+}
+
 }  // namespace
 
 void * create_state() { return new State(); }
@@ -68,9 +154,13 @@ void * create_state() { return new State(); }
 void destroy_state(void * state) {
     auto * s = static_cast<State *>(state);
     if (s == nullptr) return;
-    if (s->dirs) cudaFree(s->dirs);
-    if (s->adds) cudaFree(s->adds);
-    if (s->stream) cudaStreamDestroy(s->stream);
+    {
+        DeviceGuard guard(s->device);
+        if (s->dirs) cudaFree(s->dirs);
+        if (s->adds) cudaFree(s->adds);
+        free_staging(s);
+        if (s->stream) cudaStreamDestroy(s->stream);
+    }
     delete s;
 }
 
@@ -83,10 +173,9 @@ std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
         return {};
     }
     if (n_dirs > kMaxDirs) return "at most 16 ablation directions are supported by the CUDA kernel";
-    if (s->stream == nullptr) {
-        std::string err = check(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "cudaStreamCreate");
-        if (!err.empty()) return err;
-    }
+    std::string err = ensure_stream(s);
+    if (!err.empty()) return err;
+    DeviceGuard guard(s->device);
     if (s->dirs) cudaFree(s->dirs);
     if (s->adds) cudaFree(s->adds);
     s->dirs = nullptr;
@@ -96,14 +185,14 @@ std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
     s->n_adds = static_cast<int>(additions.size());
     if (n_dirs > 0) {
         const size_t bytes = sizeof(float) * static_cast<size_t>(n_dirs) * n_embd;
-        std::string err = check(cudaMalloc(&s->dirs, bytes), "cudaMalloc");
+        err = check(cudaMalloc(&s->dirs, bytes), "cudaMalloc");
         if (!err.empty()) return err;
         err = check(cudaMemcpy(s->dirs, dirs.data(), bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
         if (!err.empty()) return err;
     }
     if (!additions.empty()) {
         const size_t row = sizeof(float) * static_cast<size_t>(n_embd);
-        std::string err = check(cudaMalloc(&s->adds, row * additions.size()), "cudaMalloc");
+        err = check(cudaMalloc(&s->adds, row * additions.size()), "cudaMalloc");
         if (!err.empty()) return err;
         for (size_t a = 0; a < additions.size(); ++a) {
             err = check(cudaMemcpy(reinterpret_cast<char *>(s->adds) + a * row, additions[a].data(), row,
@@ -115,11 +204,23 @@ std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
     return {};
 }
 
+bool same_device(void * state, const void * ptr) {
+    auto * s = static_cast<State *>(state);
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess || attr.type != cudaMemoryTypeDevice) {
+        cudaGetLastError();
+        return false;
+    }
+    if (s->device < 0) s->device = attr.device;
+    return attr.device == s->device;
+}
+
 std::string apply_inplace(void * state, float * rows, int64_t n_rows, int n_embd, bool ablate, int add_index) {
     auto * s = static_cast<State *>(state);
     if (s->stream == nullptr || n_embd != s->n_embd) return "device state not uploaded (set the plan first)";
     if (add_index >= s->n_adds) return "addition index out of range";
     if (n_rows == 0) return {};
+    DeviceGuard guard(s->device);
     const float * add = add_index >= 0 ? s->adds + static_cast<size_t>(add_index) * n_embd : nullptr;
     ablate_add_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, s->stream>>>(rows, n_embd, s->dirs,
                                                                                 ablate ? s->n_dirs : 0, add);
@@ -128,8 +229,33 @@ std::string apply_inplace(void * state, float * rows, int64_t n_rows, int n_embd
     return check(cudaStreamSynchronize(s->stream), "cudaStreamSynchronize");
 }
 
-std::string copy_row_to_host(const float * rows, int64_t row, int n_embd, float * dst) {
-    return check(cudaMemcpy(dst, rows + row * n_embd, sizeof(float) * n_embd, cudaMemcpyDeviceToHost), "cudaMemcpy");
+std::string gather_rows_to_host(void * state, const float * rows, int n_embd, const std::vector<int> & row_idx,
+                                const float ** host_out) {
+    auto * s = static_cast<State *>(state);
+    *host_out = nullptr;
+    if (row_idx.empty()) return {};
+    std::string err = ensure_stream(s);
+    if (!err.empty()) return err;
+    DeviceGuard guard(s->device);
+    const size_t n_sel = row_idx.size();
+    err = reserve_staging(s, n_sel, n_sel * static_cast<size_t>(n_embd));
+    if (!err.empty()) return err;
+    for (size_t j = 0; j < n_sel; ++j) s->idx_host[j] = row_idx[j];
+    err = check(cudaMemcpyAsync(s->idx_dev, s->idx_host, sizeof(int) * n_sel, cudaMemcpyHostToDevice, s->stream),
+                "cudaMemcpyAsync");
+    if (!err.empty()) return err;
+    gather_rows_kernel<<<static_cast<unsigned>(n_sel), kThreads, 0, s->stream>>>(rows, n_embd, s->idx_dev,
+                                                                                s->stage_dev);
+    err = check(cudaGetLastError(), "kernel launch");
+    if (!err.empty()) return err;
+    err = check(cudaMemcpyAsync(s->stage_host, s->stage_dev, sizeof(float) * n_sel * n_embd, cudaMemcpyDeviceToHost,
+                                s->stream),
+                "cudaMemcpyAsync");
+    if (!err.empty()) return err;
+    err = check(cudaStreamSynchronize(s->stream), "cudaStreamSynchronize");
+    if (!err.empty()) return err;
+    *host_out = s->stage_host;
+    return {};
 }
 
 }  // namespace pyrefusal::cuda

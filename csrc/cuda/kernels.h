@@ -6,7 +6,11 @@
 //
 // Synchronisation: the ggml scheduler synchronises the split's backend before calling the
 // eval callback, and these functions synchronise their own stream before returning, so
-// the edit is complete before the next graph view is launched.
+// the edit (or the copy) is complete before the next graph view is launched on ggml's stream.
+//
+// Devices: the state (directions, additions, stream, staging buffers) lives on the device that
+// was current at the first upload. A node on another device (a model split over several GPUs)
+// is reported by `same_device` as false and hook.cpp takes the generic copy path for it.
 
 #pragma once
 
@@ -24,12 +28,18 @@ void destroy_state(void * state);
 std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
                    const std::vector<std::vector<float>> & additions, int n_embd);
 
+/// Whether device pointer `ptr` is on the state's device (choosing that device on first use).
+bool same_device(void * state, const void * ptr);
+
 /// Edit `n_rows` contiguous f32 rows of length n_embd at device pointer `rows` in place:
 /// ablate (if `ablate`), then add addition `add_index` (if >= 0). Returns "" or an error.
 std::string apply_inplace(void * state, float * rows, int64_t n_rows, int n_embd, bool ablate,
                           int add_index);
 
-/// Copy row `row` of a device tensor to host memory `dst` (n_embd floats).
-std::string copy_row_to_host(const float * rows, int64_t row, int n_embd, float * dst);
+/// Gather rows `row_idx` (each of n_embd f32) of the device tensor `rows` into pinned host
+/// memory with one kernel and one device-to-host copy. On success `*host_out` points at
+/// (row_idx.size(), n_embd) floats, valid until the next call on this state.
+std::string gather_rows_to_host(void * state, const float * rows, int n_embd, const std::vector<int> & row_idx,
+                                const float ** host_out);
 
 }  // namespace pyrefusal::cuda
