@@ -191,6 +191,58 @@ def test_gpu_ablation_leaves_no_component_along_direction(which, request):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_ablation_of_several_directions_matches_cpu(full, cpu):
+    """Three orthonormal directions at once (the kernel loops over them within one launch)."""
+    q, _ = np.linalg.qr(np.random.default_rng(11).standard_normal((cpu.n_embd, 3)))
+    dirs = q.T.astype(np.float32)  # (3, n_embd), orthonormal rows
+    toks = _tokens(cpu)
+    base = cpu.last_logits(toks)
+    spec = iv.ablation(dirs)
+    iv.arm(cpu, spec)
+    try:
+        expected = cpu.last_logits(toks)
+    finally:
+        cpu.clear_plan()
+    iv.arm(full, spec)
+    try:
+        got, s = _counted(full, lambda: full.last_logits(toks))
+        acts, _ = full.capture(toks, positions=POSITIONS)
+    finally:
+        full.clear_plan()
+    effect = np.abs(expected - base).max()
+    assert effect > 0.5
+    assert np.abs(got - expected).max() < 0.05 * effect
+    _check_device_counters(s, host_nodes_expected=False)
+    # no component along any of the three directions, at any captured position and layer
+    proj = np.abs(acts @ dirs.T)  # (n_prompts, n_pos, n_layer + 1, 3)
+    assert np.all(proj <= 1e-4 * np.linalg.norm(acts, axis=-1, keepdims=True))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_in_graph_lora_ablation_matches_the_cpu_hook(full, cpu):
+    """The rank-1 LoRA path (llama.cpp's own CUDA kernels) gives the hook's ablation on the GPU too."""
+    toks = _tokens(cpu)
+    r = _direction(cpu.n_embd, seed=13)
+    base = cpu.last_logits(toks)
+    iv.arm(cpu, iv.ablation(r))
+    try:
+        expected = cpu.last_logits(toks)
+    finally:
+        iv.disarm(cpu)
+    used = iv.arm(full, iv.ablation(r), path="graph")
+    try:
+        got = full.last_logits(toks)
+    finally:
+        iv.disarm(full)
+    assert used in ("graph", "graph+hook")
+    effect = np.abs(expected - base).max()
+    assert effect > 0.5
+    assert np.abs(got - expected).max() < 0.05 * effect
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_addition_matches_cpu(full, cpu):
     toks = _tokens(cpu)
     r = _direction(cpu.n_embd, seed=7)

@@ -18,7 +18,6 @@ namespace pyrefusal::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxDirs = 16;
 
 struct State {
     int device = -1;             // device of everything below; -1 until first use
@@ -172,7 +171,6 @@ std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
         cudaGetLastError();  // no device: the generic path will be used; nothing to upload
         return {};
     }
-    if (n_dirs > kMaxDirs) return "at most 16 ablation directions are supported by the CUDA kernel";
     std::string err = ensure_stream(s);
     if (!err.empty()) return err;
     DeviceGuard guard(s->device);
