@@ -51,25 +51,22 @@ import numpy as np
 
 from pyrefusal import intervention as iv
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
-from pyrefusal.directions import Candidates, mean_difference, unit
+from pyrefusal.directions import Candidates, unit
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl
+from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import check_config, write_config
 from pyrefusal.selection import (
     REFUSAL_OPENINGS,
     Selection,
     SelectionRule,
-    refusal_scores,
     refusal_token_ids,
     select_direction,
 )
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
-
-MIN_FILTERED = 4
-"""Below this many prompts per class after filtering, the unfiltered set is used (as ``pyrefusal run``)."""
 
 TRANSFER_CONDITIONS = ("ablation", "harm_ablation")
 """Interventions :func:`transfer_matrix` can apply with a source direction."""
@@ -356,15 +353,6 @@ def _load_activations(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _filter_prompts(prompts: list[Prompt], scores: np.ndarray, positive: bool, log: Log, what: str) -> np.ndarray:
-    """Boolean mask: s > 0 (``positive``) or s < 0; all True when fewer than MIN_FILTERED survive."""
-    mask = scores > 0 if positive else scores < 0
-    if int(mask.sum()) < MIN_FILTERED:
-        log(f"filter kept {int(mask.sum())}/{len(prompts)} {what} prompts (< {MIN_FILTERED}); using all of them")
-        return np.ones(len(prompts), dtype=bool)
-    return mask
-
-
 def _probe_prompts(data: PolyRefuse, lang: str, n: int, seed: int) -> list[Prompt]:
     """Harmful train prompts of ``lang`` for deriving refusal tokens (own RNG: paper sampling untouched)."""
     pool = data.load(lang, "train", "harmful")
@@ -401,7 +389,7 @@ def extract_language_directions(
     tokens of X (``refusal_tokens[X]`` if given, else ``openings[X]``, else derived or the table per
     ``token_method``); capture of the block inputs ``0..L-1`` at the post-instruction positions;
     filtering (harmful s > 0, harmless s < 0 under X's tokens, train and val; unfiltered below
-    :data:`MIN_FILTERED`); :func:`~pyrefusal.directions.mean_difference`;
+    :data:`~pyrefusal.extraction.MIN_FILTERED`); :func:`~pyrefusal.directions.mean_difference`;
     :func:`~pyrefusal.selection.select_direction` (lazy, exact paper top-1).
 
     With ``out_dir``, each language is saved to ``out_dir/<lang>/`` stage by stage, and files already
@@ -511,24 +499,30 @@ class _Extractor:
             acts = _load_activations(d / "activations.npz") if (d / "activations.npz").exists() else None
             self.log(f"{lang}: reusing candidates.npz")
             return Candidates.load(d / "candidates.npz"), json.loads((d / "prompts.json").read_text()), acts
-        layers = range(self.rt.n_layer)  # block inputs 0..L-1
-        harm, harm_logits = self.rt.capture(self.fmt(tv["harmful_train"]), self.positions, layers=layers)
-        less, less_logits = self.rt.capture(self.fmt(tv["harmless_train"]), self.positions, layers=layers)
-        # harm / less: (n, n_positions, n_layers, n_embd) float32; *_logits: (n, n_vocab)
-        keep_h = np.ones(len(harm), dtype=bool)
-        keep_l = np.ones(len(less), dtype=bool)
-        if filter:
-            s_h, s_l = refusal_scores(harm_logits, refusal_ids), refusal_scores(less_logits, refusal_ids)
-            keep_h = _filter_prompts(tv["harmful_train"], s_h, True, self.log, f"{lang} harmful train")
-            keep_l = _filter_prompts(tv["harmless_train"], s_l, False, self.log, f"{lang} harmless train")
-        cands = mean_difference(harm[keep_h], less[keep_l], self.positions)
+        train = extract_candidates(
+            self.rt,
+            self.fmt(tv["harmful_train"]),
+            self.fmt(tv["harmless_train"]),
+            self.positions,
+            refusal_ids,
+            filter=filter,
+            log=self.log,
+            label=lang,
+            keep_activations=keep_activations,
+        )
+        cands, keep_h, keep_l = train.candidates, train.harmful_kept, train.harmless_kept
         record: dict[str, Any] = {
             "harmful_train": [p.id for p in tv["harmful_train"]],
             "harmless_train": [p.id for p in tv["harmless_train"]],
             "harmful_train_kept": [p.id for p, k in zip(tv["harmful_train"], keep_h, strict=True) if k],
             "harmless_train_kept": [p.id for p, k in zip(tv["harmless_train"], keep_l, strict=True) if k],
         }
-        acts = {"harmful": harm.astype(np.float16), "harmless": less.astype(np.float16)} if keep_activations else None
+        acts = None
+        if train.harmful_acts is not None and train.harmless_acts is not None:
+            acts = {
+                "harmful": train.harmful_acts.astype(np.float16),
+                "harmless": train.harmless_acts.astype(np.float16),
+            }
         if d is not None:
             cands.save(d / "candidates.npz")
             if acts is not None:
@@ -557,8 +551,7 @@ class _Extractor:
         for kind, positive in (("harmful", True), ("harmless", False)):
             ps = tv[f"{kind}_val"]
             if filter:
-                s = refusal_scores(self.rt.last_logits(self.fmt(ps)), refusal_ids)
-                mask = _filter_prompts(ps, s, positive, self.log, f"{lang} {kind} val")
+                mask = filter_by_refusal(self.rt, self.fmt(ps), refusal_ids, positive, self.log, f"{lang} {kind} val")
                 ps = [p for p, k in zip(ps, mask, strict=True) if k]
             kept[kind] = ps
             record[f"{kind}_val"] = [p.id for p in tv[f"{kind}_val"]]

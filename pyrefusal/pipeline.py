@@ -31,12 +31,13 @@ import numpy as np
 from pyrefusal import intervention as iv
 from pyrefusal.backend import Runtime, build_info
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
-from pyrefusal.directions import Candidates, mean_difference, random_like
+from pyrefusal.directions import Candidates, random_like
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, summarize
+from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import SubstringDetector
 from pyrefusal.rundir import check_config, write_config
-from pyrefusal.selection import Selection, SelectionRule, refusal_scores, refusal_token_ids, select_direction
+from pyrefusal.selection import Selection, SelectionRule, refusal_token_ids, select_direction
 
 Log = Callable[[str], None]
 
@@ -87,7 +88,6 @@ class RunConfig:
 
 
 CONDITIONS = ("baseline", "ablation", "actadd", "harm_ablation", "random_ablation")
-MIN_FILTERED = 4  # below this many prompts per class after filtering, the unfiltered set is used
 
 
 @dataclass
@@ -272,15 +272,6 @@ def _judge(
     return out
 
 
-def _filter(prompts: list[Prompt], scores: np.ndarray, keep_positive: bool, log: Log, what: str) -> list[Prompt]:
-    mask = scores > 0 if keep_positive else scores < 0
-    kept = [p for p, m in zip(prompts, mask, strict=True) if m]
-    if len(kept) < MIN_FILTERED:
-        log(f"filter kept {len(kept)}/{len(prompts)} {what} prompts (< {MIN_FILTERED}); using all of them")
-        return prompts
-    return kept
-
-
 def run_pipeline(
     config: RunConfig,
     out: Path,
@@ -358,18 +349,17 @@ def _run(
         log("candidates: reusing candidates.npz")
     else:
         t = time.perf_counter()
-        harm_acts, harm_logits = rt.capture(fmt(tv["harmful_train"]), positions, layers=range(rt.n_layer))
-        less_acts, less_logits = rt.capture(fmt(tv["harmless_train"]), positions, layers=range(rt.n_layer))
+        train = extract_candidates(
+            rt,
+            fmt(tv["harmful_train"]),
+            fmt(tv["harmless_train"]),
+            positions,
+            refusal_ids,
+            filter=config.filter_train,
+            log=log,
+        )
         timings["capture_train"] = time.perf_counter() - t
-        harm_keep = np.ones(len(harm_acts), bool)
-        less_keep = np.ones(len(less_acts), bool)
-        if config.filter_train:
-            hs, ls = refusal_scores(harm_logits, refusal_ids), refusal_scores(less_logits, refusal_ids)
-            kept_h = _filter(tv["harmful_train"], hs, True, log, "harmful train")
-            kept_l = _filter(tv["harmless_train"], ls, False, log, "harmless train")
-            harm_keep = np.array([p in kept_h for p in tv["harmful_train"]])
-            less_keep = np.array([p in kept_l for p in tv["harmless_train"]])
-        cands = mean_difference(harm_acts[harm_keep], less_acts[less_keep], positions)
+        cands, harm_keep, less_keep = train.candidates, train.harmful_kept, train.harmless_kept
         # (n_positions, n_layers, n_embd) float32 for users; the .npz keeps float64 and the means
         np.save(paths.candidates, cands.vectors.astype(np.float32))
         cands.save(paths.candidates_full)
@@ -392,20 +382,10 @@ def _run(
     else:
         t = time.perf_counter()
         if config.filter_val:
-            harmful_val = _filter(
-                harmful_val,
-                refusal_scores(rt.last_logits(fmt(harmful_val)), refusal_ids),
-                True,
-                log,
-                "harmful val",
-            )
-            harmless_val = _filter(
-                harmless_val,
-                refusal_scores(rt.last_logits(fmt(harmless_val)), refusal_ids),
-                False,
-                log,
-                "harmless val",
-            )
+            keep = filter_by_refusal(rt, fmt(harmful_val), refusal_ids, True, log, "harmful val")
+            harmful_val = [p for p, k in zip(harmful_val, keep, strict=True) if k]
+            keep = filter_by_refusal(rt, fmt(harmless_val), refusal_ids, False, log, "harmless val")
+            harmless_val = [p for p, k in zip(harmless_val, keep, strict=True) if k]
         selection = select_direction(
             rt,
             cands,
