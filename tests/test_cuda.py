@@ -87,6 +87,15 @@ def _counted(rt: Runtime, fn: Callable[[], T]) -> tuple[T, dict[str, int]]:
     return out, dict(rt.hook.stats())
 
 
+def _under(rt: Runtime, spec: iv.Intervention, fn: Callable[[], T], path: str = "hook") -> T:
+    """``fn()`` with ``spec`` armed on ``rt`` (through ``path``), disarmed afterwards."""
+    iv.arm(rt, spec, path=path)  # type: ignore[arg-type]
+    try:
+        return fn()
+    finally:
+        iv.disarm(rt)
+
+
 def _max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| relative to the largest |b|."""
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -156,16 +165,8 @@ def test_gpu_ablated_logits_match_cpu(which, cpu, request):
     toks = _tokens(cpu)
     r = _direction(cpu.n_embd, seed=3)
     base = cpu.last_logits(toks)
-    iv.arm(cpu, iv.ablation(r))
-    try:
-        expected = cpu.last_logits(toks)
-    finally:
-        cpu.clear_plan()
-    iv.arm(rt, iv.ablation(r))
-    try:
-        got, s = _counted(rt, lambda: rt.last_logits(toks))
-    finally:
-        rt.clear_plan()
+    expected = _under(cpu, iv.ablation(r), lambda: cpu.last_logits(toks))
+    got, s = _under(rt, iv.ablation(r), lambda: _counted(rt, lambda: rt.last_logits(toks)))
     effect = np.abs(expected - base).max()
     assert effect > 0.5  # the ablation matters on this model
     assert np.abs(got - expected).max() < 0.05 * effect
@@ -198,17 +199,9 @@ def test_gpu_ablation_of_several_directions_matches_cpu(full, cpu):
     toks = _tokens(cpu)
     base = cpu.last_logits(toks)
     spec = iv.ablation(dirs)
-    iv.arm(cpu, spec)
-    try:
-        expected = cpu.last_logits(toks)
-    finally:
-        cpu.clear_plan()
-    iv.arm(full, spec)
-    try:
-        got, s = _counted(full, lambda: full.last_logits(toks))
-        acts, _ = full.capture(toks, positions=POSITIONS)
-    finally:
-        full.clear_plan()
+    expected = _under(cpu, spec, lambda: cpu.last_logits(toks))
+    got, s = _under(full, spec, lambda: _counted(full, lambda: full.last_logits(toks)))
+    acts, _ = full.capture(toks, positions=POSITIONS, ablation=dirs)  # capture arms its own plan
     effect = np.abs(expected - base).max()
     assert effect > 0.5
     assert np.abs(got - expected).max() < 0.05 * effect
@@ -225,17 +218,9 @@ def test_gpu_in_graph_lora_ablation_matches_the_cpu_hook(full, cpu):
     toks = _tokens(cpu)
     r = _direction(cpu.n_embd, seed=13)
     base = cpu.last_logits(toks)
-    iv.arm(cpu, iv.ablation(r))
-    try:
-        expected = cpu.last_logits(toks)
-    finally:
-        iv.disarm(cpu)
-    used = iv.arm(full, iv.ablation(r), path="graph")
-    try:
-        got = full.last_logits(toks)
-    finally:
-        iv.disarm(full)
-    assert used in ("graph", "graph+hook")
+    expected = _under(cpu, iv.ablation(r), lambda: cpu.last_logits(toks))
+    assert iv.route(full, iv.ablation(r), "graph").path in ("graph", "graph+hook")
+    got = _under(full, iv.ablation(r), lambda: full.last_logits(toks), path="graph")
     effect = np.abs(expected - base).max()
     assert effect > 0.5
     assert np.abs(got - expected).max() < 0.05 * effect
@@ -248,16 +233,8 @@ def test_gpu_addition_matches_cpu(full, cpu):
     r = _direction(cpu.n_embd, seed=7)
     base = cpu.last_logits(toks)
     spec = iv.actadd(r, layer=1, coeff=2.0)
-    iv.arm(cpu, spec)
-    try:
-        expected = cpu.last_logits(toks)
-    finally:
-        cpu.clear_plan()
-    iv.arm(full, spec)
-    try:
-        got, s = _counted(full, lambda: full.last_logits(toks))
-    finally:
-        full.clear_plan()
+    expected = _under(cpu, spec, lambda: cpu.last_logits(toks))
+    got, s = _under(full, spec, lambda: _counted(full, lambda: full.last_logits(toks)))
     effect = np.abs(expected - base).max()
     assert effect > 0.5
     assert np.abs(got - expected).max() < 0.05 * effect
@@ -276,13 +253,10 @@ def test_gpu_ablated_generation_matches_cpu_up_to_near_ties(full, cpu):
     toks = _tokens(cpu)
     r = _direction(cpu.n_embd, seed=9)
     spec = iv.harm_ablation(r, layer=1)
-    outs = {}
-    for rt in (cpu, full):
-        iv.arm(rt, spec)
-        try:
-            outs[rt.n_gpu_layers] = [g.tokens for g in rt.generate(toks, 8, stop_at_eog=False)]
-        finally:
-            rt.clear_plan()
+    outs = {
+        rt.n_gpu_layers: _under(rt, spec, lambda rt=rt: [g.tokens for g in rt.generate(toks, 8, stop_at_eog=False)])
+        for rt in (cpu, full)
+    }
     iv.arm(cpu, spec)
     try:
         for prompt, a, b in zip(toks, outs[0], outs[999], strict=True):

@@ -9,11 +9,10 @@ with the intended spread, and that llama.cpp loads it and produces finite logits
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import llama_cpp  # noqa: F401  (before numpy)
 
@@ -26,18 +25,8 @@ from pyrefusal.backend import Runtime
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mrg = _load("make_random_gguf")
+sys.path.insert(0, str(BENCH))  # the benchmark scripts are plain modules in benchmarks/
+mrg = importlib.import_module("make_random_gguf")
 
 
 def _types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
