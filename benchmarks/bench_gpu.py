@@ -299,7 +299,7 @@ class Bench:
         self.arm(mode, n_seq)
         stats0 = dict(rt.hook.stats()) if rt.hook is not None else {}
         rt.generate(prompts, 4, stop_at_eog=False)  # warm-up at this batch size
-        pp, tg = [], []
+        pp, tg, cb = [], [], []
         for _ in range(reps):
             t = time.perf_counter()
             if mode == "capture":
@@ -310,12 +310,17 @@ class Bench:
             if mode == "capture":
                 self.arm(mode, n_seq)
             s0, n0 = rt.timings.generation_seconds, rt.timings.generated_tokens
+            ns0 = rt.hook.stats()["data_ns"] if rt.hook is not None else 0
             rt.generate(prompts, gen, stop_at_eog=False)
-            tg.append((rt.timings.generated_tokens - n0) / (rt.timings.generation_seconds - s0))
+            seconds = rt.timings.generation_seconds - s0
+            tg.append((rt.timings.generated_tokens - n0) / seconds)
+            if rt.hook is not None:  # share of generation time spent inside our callback's data phase
+                cb.append((rt.hook.stats()["data_ns"] - ns0) / 1e9 / seconds)
         row: dict[str, Any] = {"prompt_tps": float(np.median(pp)), "gen_tps": float(np.median(tg))}
         if rt.hook is not None:
             s = rt.hook.stats()
             row["hook"] = {k: int(s[k] - stats0.get(k, 0)) for k in ("observed", "device_nodes", "cuda_kernel_nodes")}
+            row["hook"]["gen_callback_share"] = float(np.median(cb))
         self.disarm()
         return row
 
@@ -687,16 +692,27 @@ def render_md(res: dict[str, Any]) -> str:
     hooked = [r for r in rows if "hook" in r]
     if hooked:
         lines += [
-            "## Hook counters (nodes handled: all / in device memory / by the CUDA kernel)",
+            "## Hook counters and where the hook's time goes (generation)",
             "",
-            "| model | mode | seqs | observed | device | CUDA kernel |",
-            "|---|---|---:|---:|---:|---:|",
+            "Nodes handled: all / in device memory / by the CUDA kernel. `callback` is the share of the hooked",
+            "generation time spent inside pyrefusal's callback (kernels, copies, its stream syncs); `extra per token`",
+            "is the hooked run's time per generated token minus plain llama.cpp's, split into the callback and the",
+            "rest (the scheduler's graph splits at every hooked node and its backend syncs).",
+            "",
+            "| model | mode | seqs | observed | device | CUDA kernel | callback | extra per token: callback / rest |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in hooked:
             h = r["hook"]
+            share, split = h.get("gen_callback_share"), "-"
+            base = _find(rows, r["shape"], r["dtype"], "plain", r["seqs"])
+            if share is not None and base and r.get("gen_tps") and base.get("gen_tps"):
+                t_hook, t_plain = 1e3 / r["gen_tps"], 1e3 / base["gen_tps"]  # ms per generated token (all seqs)
+                in_cb = share * t_hook
+                split = f"{t_hook - t_plain:.3f} ms: {in_cb:.3f} / {t_hook - t_plain - in_cb:.3f} ms"
             lines.append(
                 f"| {r['shape']} {r['dtype']} | {r['mode']} | {r['seqs']} | {h['observed']} | {h['device_nodes']} | "
-                f"{h['cuda_kernel_nodes']} |"
+                f"{h['cuda_kernel_nodes']} | {'-' if share is None else f'{share:.1%}'} | {split} |"
             )
         lines.append("")
     lines += ["## Targets", "", "| target | model | measured | target | result |", "|---|---|---:|---:|---|"]

@@ -73,6 +73,7 @@ py::dict stats(const Hook & h) {
     d["rows_captured"] = s.rows_captured;
     d["device_nodes"] = s.device_nodes;
     d["cuda_kernel_nodes"] = s.cuda_kernel_nodes;
+    d["data_ns"] = s.data_ns;
     return d;
 }
 

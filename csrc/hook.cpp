@@ -15,6 +15,7 @@
 
 #include "hook.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -131,7 +132,12 @@ bool Hook::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<Hook *>(user_data);
     try {
         std::lock_guard<std::mutex> lock(self->mu_);
-        return ask ? self->on_ask(t) : self->on_data(t);
+        if (ask) return self->on_ask(t);
+        const auto t0 = std::chrono::steady_clock::now();
+        const bool ok = self->on_data(t);
+        self->stats_.data_ns +=
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+        return ok;
     } catch (const std::exception & e) {
         self->fail(std::string("pyrefusal hook: ") + e.what());
     } catch (...) {

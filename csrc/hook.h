@@ -46,6 +46,7 @@ struct HookStats {
     int64_t rows_captured = 0; ///< rows copied to the capture buffer
     int64_t device_nodes = 0;  ///< handled nodes whose data lived in device memory
     int64_t cuda_kernel_nodes = 0; ///< device nodes handled in place by our CUDA kernel
+    int64_t data_ns = 0;       ///< wall time spent in the data phase (our edits, copies, syncs)
 };
 
 class Hook {

@@ -37,7 +37,8 @@ class Hook:
     def take_error(self) -> str:
         """Return and clear the error recorded inside the callback ('' if none)."""
     def stats(self) -> dict[str, int]:
-        """Counters since the last reset_stats()."""
+        """Counters since the last reset_stats(): asked, observed, rows_ablated, rows_added,
+        rows_captured, device_nodes, cuda_kernel_nodes, data_ns (time in the data phase)."""
     def reset_stats(self) -> None: ...
 
 def callback_address() -> int:
