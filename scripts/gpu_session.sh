@@ -116,9 +116,9 @@ cuda_libs() {
     [ -e "$d/libcublas.so.13" ] && dirs=$dirs:$d
   done
   if [ -z "$dirs" ]; then
-    d=$(find / -xdev -name 'libcublas.so.13' -path '*nvidia*' 2>/dev/null | head -1 || true)
+    d=$(find /usr/local /opt /usr/lib -name 'libcublas.so.13' 2>/dev/null | head -1 || true)
     [ -n "$d" ] && dirs=:$(dirname "$d")
-    d=$(find / -xdev -name 'libcudart.so.13' 2>/dev/null | head -1 || true)
+    d=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13' 2>/dev/null | head -1 || true)
     [ -n "$d" ] && dirs=$dirs:$(dirname "$d")
   fi
   export LD_LIBRARY_PATH=${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
