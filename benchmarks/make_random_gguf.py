@@ -61,6 +61,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from pyrefusal.synthetic import ModelSizes, SpmVocab, add_model_metadata
+
 # --- shapes ----------------------------------------------------------------------------------
 
 
@@ -419,32 +421,26 @@ def tensor_values(t: TensorPlan, shape: Shape, seed: tuple[int, ...], workers: i
 
 def _add_metadata(w: gguf.GGUFWriter, shape: Shape, file_type: int) -> None:
     """Architecture, tokenizer and chat template keys of a random model of ``shape``."""
-    w.add_name(f"random-{shape.name}")
-    w.add_description("random weights with the tensor shapes of a real model; for benchmarks only")
-    w.add_file_type(file_type)
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(shape.rms_eps)
-    w.add_rope_freq_base(shape.rope_theta)
-    w.add_rope_dimension_count(shape.head_dim)
-    w.add_vocab_size(shape.n_vocab)
     texts, scores, types = compact_vocab(shape.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(texts)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_eot_token_id(SPECIAL_TOKENS.index("<|im_end|>"))
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
-    w.add_chat_template(CHATML)
+    add_model_metadata(
+        w,
+        name=f"random-{shape.name}",
+        description="random weights with the tensor shapes of a real model; for benchmarks only",
+        file_type=file_type,
+        sizes=ModelSizes(
+            shape.n_ctx_train,
+            shape.n_embd,
+            shape.n_layer,
+            shape.n_ff,
+            shape.n_head,
+            shape.n_head_kv,
+            shape.head_dim,
+            shape.rms_eps,
+            shape.rope_theta,
+        ),
+        vocab=SpmVocab(texts, scores, types, unk=0, bos=1, eos=2, eot=SPECIAL_TOKENS.index("<|im_end|>")),
+        chat_template=CHATML,
+    )
 
 
 def _write_streamed(

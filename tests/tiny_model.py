@@ -64,6 +64,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from pyrefusal.synthetic import ModelSizes, SpmVocab, add_model_metadata
+
 __all__ = [
     "BOS_ID",
     "CHATML_TEMPLATE",
@@ -351,34 +353,24 @@ def write_tiny_gguf(
 
     writer = gguf.GGUFWriter(str(path), spec.arch)  # also writes general.architecture
     try:
-        writer.add_name("pyrefusal-tiny")
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        # Hyper-parameters.  Required by llama.cpp: context_length, embedding_length,
-        # block_count, attention.layer_norm_rms_epsilon (llama); the rest are
-        # optional there but written explicitly so the file is self-describing.
-        writer.add_context_length(spec.n_ctx_train)
-        writer.add_embedding_length(spec.n_embd)
-        writer.add_block_count(spec.n_layer)
-        writer.add_feed_forward_length(spec.n_ff)
-        writer.add_head_count(spec.n_head)
-        writer.add_head_count_kv(spec.n_head_kv)
-        writer.add_layer_norm_rms_eps(spec.rms_eps)
-        writer.add_rope_dimension_count(spec.head_dim)  # llama: must equal head dim
-        writer.add_rope_freq_base(spec.rope_freq_base)
-        writer.add_vocab_size(n_vocab)
-        # Tokenizer (SentencePiece-style, byte fallback).
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(list(TINY_VOCAB.tokens))
-        writer.add_token_scores(list(TINY_VOCAB.scores))
-        writer.add_token_types(list(TINY_VOCAB.types))
-        writer.add_unk_token_id(UNK_ID)
-        writer.add_bos_token_id(BOS_ID)
-        writer.add_eos_token_id(EOS_ID)
-        writer.add_eot_token_id(IM_END_ID)  # <|im_end|> is end-of-turn -> EOG
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(False)
-        writer.add_chat_template(chat_template)
+        add_model_metadata(
+            writer,
+            name="pyrefusal-tiny",
+            file_type=gguf.LlamaFileType.ALL_F32,
+            sizes=ModelSizes(
+                spec.n_ctx_train,
+                spec.n_embd,
+                spec.n_layer,
+                spec.n_ff,
+                spec.n_head,
+                spec.n_head_kv,
+                spec.head_dim,
+                spec.rms_eps,
+                spec.rope_freq_base,
+            ),
+            vocab=SpmVocab(TINY_VOCAB.tokens, TINY_VOCAB.scores, TINY_VOCAB.types, UNK_ID, BOS_ID, EOS_ID, IM_END_ID),
+            chat_template=chat_template,
+        )
         for name, w in out.items():
             writer.add_tensor(name, w)
         writer.write_header_to_file()
