@@ -26,7 +26,8 @@ a child process (nvidia-smi sampling, plus llama.cpp's own buffer sizes).
 Writes ``<results>/<gpu-name>-<date>.json`` and ``.md`` (``cpu-smoke-<date>`` without a GPU), after
 every model, so a run stopped by a time limit keeps what it measured; ``--append`` merges into an
 existing file of the same name (to split a run over several commands). ``--deadline-s`` skips what
-would start after that many seconds.
+would start after that many seconds; the order puts the core comparison first (our rows and the
+paper's on the first shape, then the memory probe, the other shapes, then the other file types).
 
 Usage::
 
@@ -896,53 +897,66 @@ def main(argv: list[str] | None = None) -> None:
 
     log(f"results -> {stem}.json/.md; GPU: {gpu['name'] if gpu else 'none'}; CUDA kernel: {bi['cuda_kernel']}")
 
-    # 1. peak memory of the pipeline (child process; nothing of ours on the GPU yet)
-    measured = res.get("memory") and "error" not in res["memory"]
-    if not args.no_memory and not (args.append and measured):
+    def memory() -> None:
+        """Peak GPU memory of the pipeline on the 8B Q4_K_M model (child process)."""
+        measured = res.get("memory") and "error" not in res["memory"]
+        if args.no_memory or (args.append and measured):
+            return
         names = [s.name.split("@")[0] for s in shapes]
         mname = args.memory_shape or ("llama-3.1-8b" if "llama-3.1-8b" in names else names[-1])
-        if left() > 60:
-            path = mrg.ensure_model(
-                mrg.get_shape(mname, args.scale), "q4_k_m", args.model_dir, direct=args.direct_quant
-            )
-            res["memory"] = run_memory_probe(args, path, timeout=min(left(), 900))
-            log(f"memory: {json.dumps({k: v for k, v in res['memory'].items() if k != 'buffers_mib'})}")
-            save(res, stem, args)
-        else:
+        if left() < 60:
             note("memory probe skipped: time budget")
+            return
+        path = mrg.ensure_model(mrg.get_shape(mname, args.scale), "q4_k_m", args.model_dir, direct=args.direct_quant)
+        res["memory"] = run_memory_probe(args, path, timeout=min(left(), 900))
+        log(f"memory: {json.dumps({k: v for k, v in res['memory'].items() if k != 'buffers_mib'})}")
+        save(res, stem, args)
 
-    # 2. the paper's stack (separate processes, before our models occupy the GPU)
-    for shape in [] if args.no_paper else shapes:
-        if args.append and shape.name in res["paper"]:
-            continue
+    def paper(shape: Any) -> None:
+        """The paper's stack on ``shape`` (separate process; our runtimes are closed by then)."""
+        if args.no_paper or (args.append and shape.name in res["paper"]):
+            return
         if left() < 60:
             note(f"paper row for {shape.name} skipped: time budget")
-            continue
+            return
         out, why = run_paper(args, shape, timeout=left())
         if out is None:
             note(why)
             log(why)
-            continue
+            return
         res["paper"][shape.name] = {k: v for k, v in out.items() if k != "rows"}
         res["versions"].update({"torch": out["torch"], "transformers": out["transformers"]})
         for r in out["rows"]:
             add_row({"shape": shape.name, "dtype": "bf16", "mode": "paper", **r})
         save(res, stem, args)
 
-    # 3. llama.cpp modes, file type by file type (Q4_K_M of every shape first)
-    for dtype in dtypes:
-        for shape in shapes:
-            todo = {
-                n: [m for m in modes if not (args.append and _find(res["rows"], shape.name, dtype, m, n))] for n in seqs
-            }
-            todo = {n: (["plain"] + [m for m in ms if m != "plain"]) if ms else [] for n, ms in todo.items()}
-            if not any(todo.values()):
-                continue
-            if left() < 60:
-                note(f"{shape.name} {dtype} skipped: time budget (--deadline-s {args.deadline_s:g})")
-                continue
-            bench_model(args, res, shape, dtype, todo, left, add_row)
-            save(res, stem, args)
+    def llama(shape: Any, dtype: str) -> None:
+        """Every llama.cpp mode at every batch size on one model (what ``--append`` still lacks)."""
+        done = lambda m, n: args.append and _find(res["rows"], shape.name, dtype, m, n)  # noqa: E731
+        todo = {n: [m for m in modes if not done(m, n)] for n in seqs}
+        todo = {n: (["plain"] + [m for m in ms if m != "plain"]) if ms else [] for n, ms in todo.items()}
+        if not any(todo.values()):
+            return
+        if left() < 60:
+            note(f"{shape.name} {dtype} skipped: time budget (--deadline-s {args.deadline_s:g})")
+            return
+        bench_model(args, res, shape, dtype, todo, left, add_row)
+        save(res, stem, args)
+
+    # Most important first, so that a run cut short by its time limit has the core comparison: our
+    # rows and the paper's on the first shape, then the memory probe, the other shapes, other file types.
+    first, rest = shapes[0], shapes[1:]
+    steps: list[tuple[str, Callable[[], None]]] = [
+        (f"{first.name} {dtypes[0]}", lambda: llama(first, dtypes[0])),
+        (f"paper {first.name}", lambda: paper(first)),
+        ("memory probe", memory),
+    ]
+    steps += [(f"{s.name} {dtypes[0]}", lambda s=s: llama(s, dtypes[0])) for s in rest]
+    steps += [(f"paper {s.name}", lambda s=s: paper(s)) for s in rest]
+    steps += [(f"{s.name} {d}", lambda s=s, d=d: llama(s, d)) for d in dtypes[1:] for s in shapes]
+    for what, step in steps:
+        log(f"[{time.perf_counter() - t_start:6.0f} s] {what}")
+        step()
     save(res, stem, args)
     log(f"wrote {stem}.json and {stem}.md")
     for t in res["targets"]:

@@ -10,10 +10,10 @@
 #      (nvcc only, no GPU; cuBLAS headers/libraries from PyPI; ~1.5-2 h on 2 cores, start it early)
 #      -> .gpu/prebuilt/llama-cuda-<version>-sm<arch>.tar.xz (~40 MB), which saves ~5.5 min of the GPU's 15.
 #   1. device call, carry [".gpu"], timeout_s 600:           bash scripts/gpu_session.sh run
-#      install (prebuilt wheel, or build llama-cpp-python with CUDA: ~5.5 min on 16 cores), build
+#      install (prebuilt tarball, or build llama-cpp-python with CUDA: ~5.5 min on 16 cores), build
 #      pyrefusal with PYREFUSAL_CUDA=ON, pytest -m gpu tests/test_cuda.py, then bench_gpu.py until
-#      LIMIT seconds of the call are used: memory probe, paper stack, Q4_K_M rows (models written
-#      directly as random blocks: seconds), then F16 rows (F16 models written when reached).
+#      LIMIT seconds of the call are used, most important first: 7B Q4_K_M rows (models written
+#      directly as random blocks: seconds), its paper row, memory probe, 8B Q4_K_M + paper, F16 rows.
 #   2. only if device time is left, at once (the machine stays warm 30 s):
 #      device call, carry [".gpu"]:  LIMIT=<s> bash scripts/gpu_session.sh bench   (--append: the rest)
 #   Every call leaves its logs and the table so far in $OUT (logs-<phase>.txt, results/<gpu>-<date>.md/.json).
