@@ -15,7 +15,9 @@
 
 #include "hook.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -72,11 +74,35 @@ int Hook::add_vector(const float * data) {
 void Hook::set_plan(const std::unordered_map<std::string, NodeOps> & plan) {
     std::lock_guard<std::mutex> lock(mu_);
     plan_ = plan;
+    index_plan();
+}
+
+void Hook::index_plan() {
+    plan_first_.fill(false);
+    plan_min_len_ = plan_.empty() ? 1 : SIZE_MAX;
+    plan_max_len_ = 0;
+    for (const auto & kv : plan_) {
+        const std::string & name = kv.first;
+        if (name.empty()) continue;
+        plan_first_[static_cast<unsigned char>(name[0])] = true;
+        plan_min_len_ = std::min(plan_min_len_, name.size());
+        plan_max_len_ = std::max(plan_max_len_, name.size());
+    }
+}
+
+const NodeOps * Hook::find_ops(const char * name) {
+    if (name == nullptr || !plan_first_[static_cast<unsigned char>(name[0])]) return nullptr;
+    const size_t len = std::strlen(name);
+    if (len < plan_min_len_ || len > plan_max_len_) return nullptr;
+    name_buf_.assign(name, len);
+    auto it = plan_.find(name_buf_);
+    return it == plan_.end() ? nullptr : &it->second;
 }
 
 void Hook::clear() {
     std::lock_guard<std::mutex> lock(mu_);
     plan_.clear();
+    index_plan();
     dirs_.clear();
     n_dirs_ = 0;
     additions_.clear();
@@ -150,7 +176,7 @@ bool Hook::on_ask(const ggml_tensor * t) {
     stats_.asked++;
     if (record_names_) names_.emplace_back(t->name);
     if (!error_.empty()) return false;
-    return plan_.find(t->name) != plan_.end();
+    return find_ops(t->name) != nullptr;
 }
 
 const std::vector<int> * Hook::row_map_for(int64_t n_rows) {
@@ -195,9 +221,9 @@ void Hook::apply_rows(float * rows, int64_t n_rows, const NodeOps & ops, const s
 }
 
 bool Hook::on_data(ggml_tensor * t) {
-    auto it = plan_.find(t->name);
-    if (it == plan_.end()) return true;  // asked by an earlier plan; nothing to do now
-    const NodeOps & ops = it->second;
+    const NodeOps * found = find_ops(t->name);
+    if (found == nullptr) return true;  // asked by an earlier plan; nothing to do now
+    const NodeOps & ops = *found;
     stats_.observed++;
 
     const int64_t n_embd = t->ne[0];

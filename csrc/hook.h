@@ -20,6 +20,7 @@
 
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -103,12 +104,19 @@ private:
     void apply_rows(float * rows, int64_t n_rows, const NodeOps & ops, const std::vector<int> * row_map);
     const std::vector<int> * row_map_for(int64_t n_rows);
     void fail(const std::string & msg);
+    void index_plan();                           // refresh the rejection filter from plan_
+    const NodeOps * find_ops(const char * name); // the plan's entry for a node name, or null
 
     int n_embd_;
     int n_dirs_ = 0;
     std::vector<float> dirs_;                    // (n_dirs, n_embd)
     std::vector<std::vector<float>> additions_;  // each (n_embd,)
     std::unordered_map<std::string, NodeOps> plan_;
+    // Cheap rejection before the hash lookup: the scheduler asks about every node of every graph
+    // (~1000 per decode of a 7B model), and only a few dozen are in the plan.
+    std::array<bool, 256> plan_first_{};         // first characters of the planned names
+    size_t plan_min_len_ = 0, plan_max_len_ = 0; // their length range
+    std::string name_buf_;                       // reused for lookups
 
     int cap_slots_ = 0;
     int cap_layers_ = 0;
