@@ -205,7 +205,9 @@ std::string upload(void * state, const std::vector<float> & dirs, int n_dirs,
 bool same_device(void * state, const void * ptr) {
     auto * s = static_cast<State *>(state);
     cudaPointerAttributes attr{};
-    if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess || attr.type != cudaMemoryTypeDevice) {
+    // cudaMalloc'd (ggml's compute buffers) or managed (GGML_CUDA_ENABLE_UNIFIED_MEMORY) memory
+    if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess ||
+        (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
         cudaGetLastError();
         return false;
     }
