@@ -122,28 +122,24 @@ void free_staging(State * s) {
     s->idx_cap = s->stage_cap = 0;
 }
 
+// Grow a pinned host buffer and its device twin to hold at least `n` elements.
+template <typename T>
+std::string reserve_pair(T ** host, T ** dev, size_t * cap, size_t n) {
+    if (n <= *cap) return {};
+    if (*host) cudaFreeHost(*host);
+    if (*dev) cudaFree(*dev);
+    *host = *dev = nullptr;
+    *cap = 0;
+    std::string err = check(cudaMallocHost(reinterpret_cast<void **>(host), sizeof(T) * n), "cudaMallocHost");
+    if (err.empty()) err = check(cudaMalloc(reinterpret_cast<void **>(dev), sizeof(T) * n), "cudaMalloc");
+    if (err.empty()) *cap = n;
+    return err;
+}
+
 std::string reserve_staging(State * s, size_t n_idx, size_t n_floats) {
-    if (n_idx > s->idx_cap) {
-        if (s->idx_host) cudaFreeHost(s->idx_host);
-        if (s->idx_dev) cudaFree(s->idx_dev);
-        s->idx_host = s->idx_dev = nullptr;
-        s->idx_cap = 0;
-        std::string err = check(cudaMallocHost(&s->idx_host, sizeof(int) * n_idx), "cudaMallocHost");
-        if (err.empty()) err = check(cudaMalloc(&s->idx_dev, sizeof(int) * n_idx), "cudaMalloc");
-        if (!err.empty()) return err;
-        s->idx_cap = n_idx;
-    }
-    if (n_floats > s->stage_cap) {
-        if (s->stage_host) cudaFreeHost(s->stage_host);
-        if (s->stage_dev) cudaFree(s->stage_dev);
-        s->stage_host = s->stage_dev = nullptr;
-        s->stage_cap = 0;
-        std::string err = check(cudaMallocHost(&s->stage_host, sizeof(float) * n_floats), "cudaMallocHost");
-        if (err.empty()) err = check(cudaMalloc(&s->stage_dev, sizeof(float) * n_floats), "cudaMalloc");
-        if (!err.empty()) return err;
-        s->stage_cap = n_floats;
-    }
-    return {};
+    std::string err = reserve_pair(&s->idx_host, &s->idx_dev, &s->idx_cap, n_idx);
+    if (!err.empty()) return err;
+    return reserve_pair(&s->stage_host, &s->stage_dev, &s->stage_cap, n_floats);
 }
 
 }  // namespace
