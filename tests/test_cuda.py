@@ -96,6 +96,14 @@ def _under(rt: Runtime, spec: iv.Intervention, fn: Callable[[], T], path: str = 
         iv.disarm(rt)
 
 
+def _assert_same_effect(got: np.ndarray, expected: np.ndarray, base: np.ndarray) -> None:
+    """The intervention moves the CPU logits (``base`` -> ``expected``) by > 0.5, and the GPU's
+    ``got`` is within 5% of that move of the CPU's."""
+    effect = np.abs(expected - base).max()
+    assert effect > 0.5  # the intervention matters on this model
+    assert np.abs(got - expected).max() < 0.05 * effect
+
+
 def _max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| relative to the largest |b|."""
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -167,9 +175,7 @@ def test_gpu_ablated_logits_match_cpu(which, cpu, request):
     base = cpu.last_logits(toks)
     expected = _under(cpu, iv.ablation(r), lambda: cpu.last_logits(toks))
     got, s = _under(rt, iv.ablation(r), lambda: _counted(rt, lambda: rt.last_logits(toks)))
-    effect = np.abs(expected - base).max()
-    assert effect > 0.5  # the ablation matters on this model
-    assert np.abs(got - expected).max() < 0.05 * effect
+    _assert_same_effect(got, expected, base)
     assert _max_rel_diff(got, expected) < 1e-2
     _check_device_counters(s, host_nodes_expected=which == "partial")
     assert s["rows_ablated"] > 0
@@ -202,9 +208,7 @@ def test_gpu_ablation_of_several_directions_matches_cpu(full, cpu):
     expected = _under(cpu, spec, lambda: cpu.last_logits(toks))
     got, s = _under(full, spec, lambda: _counted(full, lambda: full.last_logits(toks)))
     acts, _ = full.capture(toks, positions=POSITIONS, ablation=dirs)  # capture arms its own plan
-    effect = np.abs(expected - base).max()
-    assert effect > 0.5
-    assert np.abs(got - expected).max() < 0.05 * effect
+    _assert_same_effect(got, expected, base)
     _check_device_counters(s, host_nodes_expected=False)
     # no component along any of the three directions, at any captured position and layer
     proj = np.abs(acts @ dirs.T)  # (n_prompts, n_pos, n_layer + 1, 3)
@@ -221,9 +225,7 @@ def test_gpu_in_graph_lora_ablation_matches_the_cpu_hook(full, cpu):
     expected = _under(cpu, iv.ablation(r), lambda: cpu.last_logits(toks))
     assert iv.route(full, iv.ablation(r), "graph").path in ("graph", "graph+hook")
     got = _under(full, iv.ablation(r), lambda: full.last_logits(toks), path="graph")
-    effect = np.abs(expected - base).max()
-    assert effect > 0.5
-    assert np.abs(got - expected).max() < 0.05 * effect
+    _assert_same_effect(got, expected, base)
 
 
 @pytest.mark.gpu
@@ -235,9 +237,7 @@ def test_gpu_addition_matches_cpu(full, cpu):
     spec = iv.actadd(r, layer=1, coeff=2.0)
     expected = _under(cpu, spec, lambda: cpu.last_logits(toks))
     got, s = _under(full, spec, lambda: _counted(full, lambda: full.last_logits(toks)))
-    effect = np.abs(expected - base).max()
-    assert effect > 0.5
-    assert np.abs(got - expected).max() < 0.05 * effect
+    _assert_same_effect(got, expected, base)
     assert s["rows_added"] > 0
     assert s["cuda_kernel_nodes"] > 0
 
