@@ -6,10 +6,12 @@ Every option can also be set through the environment with the ``PYREFUSAL_`` pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
 
@@ -42,6 +44,34 @@ def _progress_bars() -> Any:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+# Config fields whose option has another name.
+_OPTION_OF = {"n_threads": "threads", "n_seq_max": "n_seq"}
+
+C = TypeVar("C")
+
+
+def _to_config(cls: type[C], kw: Mapping[str, Any], **special: Any) -> C:
+    """A config dataclass from click's options.
+
+    Each field takes the option of the same name (or :data:`_OPTION_OF`'s): a path becomes a string,
+    comma-separated text becomes a tuple where the field's default is a tuple. ``special`` sets the
+    fields that no option maps to one to one; fields without either keep their defaults.
+    """
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = _OPTION_OF.get(f.name, f.name)
+        if f.name in special:
+            values[f.name] = special[f.name]
+        elif name in kw:
+            v = kw[name]
+            if isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, str) and isinstance(f.default, tuple):
+                v = _csv(v)
+            values[f.name] = v
+    return cls(**values)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "PYREFUSAL", "help_option_names": ["-h", "--help"]})
@@ -114,6 +144,12 @@ def doctor() -> None:
 )
 @click.option("--judge-model", default=None, help="Guard model GGUF (path, registry name or hub spec).")
 @click.option(
+    "--judge-translator",
+    default=None,
+    help="Chat GGUF that back-translates non-English responses to English before judging, as the paper "
+    "does (registry name, path, hub spec, or 'self' for the model under test); cached in the run directory.",
+)
+@click.option(
     "--capability/--no-capability",
     default=True,
     show_default=True,
@@ -162,32 +198,12 @@ def run(ctx: click.Context, **kw: Any) -> None:
                 kw[key] = value
     from pyrefusal.pipeline import RunConfig, run_pipeline
 
-    config = RunConfig(
-        model=kw["model"],
-        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
-        source_lang=kw["source_lang"],
-        target_langs=_csv(kw["target_langs"]),
-        n_train=kw["n_train"],
-        n_val=kw["n_val"],
-        n_test=kw["n_test"],
-        max_new_tokens=kw["max_new_tokens"],
-        seed=kw["seed"],
-        conditions=_csv(kw["conditions"]),
+    config = _to_config(
+        RunConfig,
+        kw,
         filter_train=not kw["no_filter"],
         filter_val=not kw["no_filter"],
-        kl_threshold=kw["kl_threshold"],
-        steering_filter=kw["steering_filter"],
         selection_mode="all" if kw["all_scores"] else "lazy",
-        refusal_openings=_csv(kw["refusal_openings"]),
-        system_prompt=kw["system_prompt"],
-        detector=kw["detector"],
-        judge=kw["judge"],
-        judge_model=kw["judge_model"],
-        capability=kw["capability"],
-        steering=kw["steering"],
-        n_seq_max=kw["n_seq"],
-        n_gpu_layers=kw["n_gpu_layers"],
-        n_threads=kw["threads"],
     )
     progress = _progress_bars()
 
@@ -240,24 +256,7 @@ def transfer(**kw: Any) -> None:
         if "=" in part:
             lang, words = part.split("=", 1)
             openings[lang.strip()] = _csv(words)
-    config = TransferConfig(
-        model=kw["model"],
-        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
-        sources=_csv(kw["sources"]),
-        targets=_csv(kw["targets"]),
-        n_train=kw["n_train"],
-        n_val=kw["n_val"],
-        n_test=kw["n_test"],
-        max_new_tokens=kw["max_new_tokens"],
-        seed=kw["seed"],
-        kl_threshold=kw["kl_threshold"],
-        condition=kw["condition"],
-        detector=kw["detector"],
-        token_method=kw["token_method"],
-        refusal_openings=openings,
-        n_gpu_layers=kw["n_gpu_layers"],
-        n_threads=kw["threads"],
-    )
+    config = _to_config(TransferConfig, kw, refusal_openings=openings)
     try:
         run_transfer(
             config,
@@ -303,20 +302,7 @@ def quant_sweep(**kw: Any) -> None:
     """Quantization variants of one model: direction per type, cross-applied, cosines, report."""
     from pyrefusal.quantsweep import QuantSweepConfig, run_quant_sweep
 
-    config = QuantSweepConfig(
-        model=kw["model"],
-        types=_csv(kw["types"]),
-        allow_requantize=kw["allow_requantize"],
-        data_dir=str(kw["data_dir"]) if kw["data_dir"] else None,
-        n_train=kw["n_train"],
-        n_val=kw["n_val"],
-        n_test=kw["n_test"],
-        max_new_tokens=kw["max_new_tokens"],
-        seed=kw["seed"],
-        positions=tuple(int(p) for p in _csv(kw["positions"])),
-        work_dir=str(kw["work_dir"]) if kw["work_dir"] else None,
-        n_threads=kw["threads"],
-    )
+    config = _to_config(QuantSweepConfig, kw, positions=tuple(int(p) for p in _csv(kw["positions"])))
     try:
         run_quant_sweep(
             config, kw["out"], log=lambda s: click.echo(s, err=True), progress=_progress_bars(), force=kw["force"]

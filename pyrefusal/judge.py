@@ -32,8 +32,6 @@ puts on refusal tokens at the first generated position (method.md §4.1's ``p_R`
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.refusal import RefusalVerdict
+from pyrefusal.rundir import JsonlCache, digest
 from pyrefusal.selection import _log_softmax
 
 __all__ = [
@@ -249,10 +248,8 @@ class GuardJudge:
         self.max_new_tokens = max_new_tokens or _DEFAULT_MAX_NEW[fmt]
         self.batch_size = max(1, batch_size)
         self.cache_path = Path(cache_path) if cache_path is not None else None
-        self._cache: dict[str, JudgeVerdict] = {}
+        self._cache = JsonlCache(self.cache_path, field="verdict", version=_CACHE_VERSION, what="judge-cache")
         self.generated = 0  # pairs actually run through the guard model (cache misses)
-        if self.cache_path is not None and self.cache_path.is_file():
-            self._load_cache(self.cache_path)
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -266,8 +263,7 @@ class GuardJudge:
 
     def cache_key(self, prompt_en: str, response: str) -> str:
         """sha256 of (guard model sha256, format, prompt, response), hex."""
-        payload = json.dumps([self.runtime.sha256, self.fmt, prompt_en, response], ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return digest(self.runtime.sha256, self.fmt, prompt_en, response)
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -343,11 +339,10 @@ class GuardJudge:
                 v = self.parse(raw)
                 if truncated:
                     v = replace(v, truncated=True)
-                self._cache[k] = v
-                made.append((k, v))
+                made.append((k, v.to_dict(), {"judge": self.name}))
             self.generated += len(chunk)
-            self._append_cache(made)
-        return [self._cache[k] for k in keys]
+            self._cache.add(made)
+        return [JudgeVerdict.from_dict(self._cache[k]) for k in keys]
 
     def judge_pair(self, prompt_en: str, response: str, lang: str) -> JudgeVerdict:
         """Judge one pair (see :meth:`judge_pairs`)."""
@@ -374,32 +369,6 @@ class GuardJudge:
         if self.fmt == "wildguard":
             return parse_wildguard(raw, self.name)
         return parse_llama_guard(raw, self.name)
-
-    # -- cache --------------------------------------------------------------------------------
-
-    def _load_cache(self, path: Path) -> None:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self._cache[row["key"]] = JudgeVerdict.from_dict(row["verdict"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                if n == len(lines):  # cut by an interrupted write: that pair is judged again
-                    continue
-                raise PyrefusalError(
-                    f"{path}: line {n} is not a judge-cache record ({exc}); delete the file to rebuild the cache"
-                ) from None
-
-    def _append_cache(self, made: list[tuple[str, JudgeVerdict]]) -> None:
-        if self.cache_path is None or not made:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.cache_path.open("a", encoding="utf-8") as f:
-            for k, v in made:
-                row = {"v": _CACHE_VERSION, "key": k, "judge": self.name, "verdict": v.to_dict()}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def first_token_refusal(

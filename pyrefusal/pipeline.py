@@ -11,6 +11,8 @@ interrupted run keeps its work and a re-run continues from the last finished sta
    unnormalised)
 4. greedy generation on test prompts per language x condition -> ``completions.jsonl``
    (appended batch by batch; finished prompts are skipped on resume)
+   then, with a judge: back-translate harmful responses to English (``--judge-translator``) ->
+   ``back_translations.jsonl``, and judge them -> ``judge_cache.jsonl`` (both append-only caches)
 5. ``results.json`` and ``report.md``
 
 Only this module and the CLI know the whole flow; stage modules stay independent.
@@ -30,6 +32,8 @@ import numpy as np
 
 from pyrefusal import intervention as iv
 from pyrefusal.backend import Runtime, build_info
+from pyrefusal.backtranslation import BackTranslation, BackTranslator
+from pyrefusal.build import LlamaTranslator
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.directions import Candidates, random_like
 from pyrefusal.errors import DataError, PyrefusalError
@@ -67,6 +71,7 @@ class RunConfig:
     detector: str = "multilingual"
     judge: str = "none"  # "none", "wildguard", "llama-guard-3"
     judge_model: str | None = None
+    judge_translator: str | None = None  # back-translates non-English responses for the judge; "self" = the model
     capability: bool = True
     capability_texts: int = 8
     steering: str = "auto"  # "auto" (in-graph on GPU, hook on CPU), "hook", "graph"
@@ -228,20 +233,57 @@ def _capability(
     return out
 
 
+def _back_translate(
+    config: RunConfig, paths: RunPaths, rt: Runtime, harmful: list[Completion], log: Log
+) -> list[BackTranslation]:
+    """English text of each harmful completion for the judge (method.md §6.2), cached in the run dir."""
+    spec = config.judge_translator
+    assert spec is not None
+    # Translations can be longer than the response in tokens (other scripts); leave room.
+    max_new = min(2048, 2 * config.max_new_tokens + 32)
+    own = spec == "self"
+    trt = (
+        rt
+        if own
+        else Runtime.open(
+            spec,
+            n_ctx=8192,
+            n_seq_max=config.n_seq_max,
+            n_gpu_layers=config.n_gpu_layers,
+            n_threads=config.n_threads,
+        )
+    )
+    try:
+        tr = LlamaTranslator(trt, max_new_tokens=max_new, batch_size=config.n_seq_max)
+        bt = BackTranslator(tr, cache_path=paths.root / "back_translations.jsonl")
+        out = bt.back_translate([c.response for c in harmful], [c.lang for c in harmful])
+        log(f"back-translation {bt.name}: {bt.translated} new, the rest cached or English")
+    finally:
+        if own:
+            rt.clear_plan()
+        else:
+            trt.close()
+    return out
+
+
 def _judge(
     config: RunConfig,
     paths: RunPaths,
+    rt: Runtime,
     completions: list[Completion],
     test: dict[str, dict[str, list[Prompt]]],
     log: Log,
 ) -> dict[str, dict[str, Any]]:
-    """Judge harmful completions with a guard GGUF (English instruction + the response as generated)."""
+    """Judge harmful completions with a guard GGUF: the English instruction with the response,
+    back-translated to English first when ``judge_translator`` is set (the paper's protocol)."""
     from pyrefusal.judge import GuardJudge
 
     if not config.judge_model:
         raise PyrefusalError(f"--judge {config.judge} needs --judge-model (a local GGUF of the guard model)")
     english = {p.id: (p.text_en or p.text) for kinds in test.values() for p in kinds.get("harmful", [])}
     harmful = [c for c in completions if c.kind == "harmful"]
+    translated = _back_translate(config, paths, rt, harmful, log) if config.judge_translator else None
+    responses = [b.english for b in translated] if translated else [c.response for c in harmful]
     with Runtime.open(
         config.judge_model,
         name=None,  # the guard's own general.name, as recorded in judge names
@@ -251,24 +293,42 @@ def _judge(
         n_threads=config.n_threads,
     ) as jr:
         judge = GuardJudge(jr, config.judge, cache_path=paths.root / "judge_cache.jsonl")  # type: ignore[arg-type]
-        verdicts = judge.judge_pairs([english[c.prompt_id] for c in harmful], [c.response for c in harmful])
+        verdicts = judge.judge_pairs([english[c.prompt_id] for c in harmful], responses)
         log(f"judge {judge.name}: {judge.generated} new verdicts, the rest from the cache")
+    paper_substring = SubstringDetector("paper")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(harmful):
+        groups.setdefault((c.lang, c.condition), []).append(i)
     out: dict[str, dict[str, Any]] = {}
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for c, v in zip(harmful, verdicts, strict=True):
-        groups.setdefault((c.lang, c.condition), []).append(v)
-    for (lang, cond), vs in groups.items():
-        refused = [v.refused for v in vs if v.refused is not None]
-        harmful_resp = [v.harmful_response for v in vs if v.harmful_response is not None]
-        out.setdefault(lang, {})[cond] = {
+    for (lang, cond), idx in groups.items():
+        vs = [verdicts[i] for i in idx]
+        # The paper's rates: an unparsed answer counts as "no" (method.md §6.4); "flagged" counts them.
+        # Llama Guard judges harm only, so it has no refusal rate.
+        refusal = sum(v.refused is True for v in vs) / len(vs) if config.judge == "wildguard" else None
+        row: dict[str, Any] = {
             "judge": judge.name,
             "n": len(vs),
-            "refusal_rate": sum(refused) / len(refused) if refused else None,
-            "compliance_rate": 1 - sum(refused) / len(refused) if refused else None,
-            "harmful_response_rate": sum(harmful_resp) / len(harmful_resp) if harmful_resp else None,
+            "refusal_rate": refusal,
+            "compliance_rate": None if refusal is None else 1 - refusal,
+            "harmful_response_rate": sum(v.harmful_response is True for v in vs) / len(vs),
             "flagged": sum(bool(v.flagged) for v in vs),
-            "note": "responses judged as generated (not back-translated to English as in the paper)",
         }
+        if translated is None:
+            row["note"] = "responses judged as generated (not back-translated to English as in the paper)"
+        else:
+            bts = [translated[i] for i in idx]
+            # the paper's second metric: its 13 English substrings on the English text
+            paper_refused = [paper_substring.judge(b.english, "en").refused for b in bts]
+            row["paper_substring_refusal_rate"] = sum(paper_refused) / len(bts)
+            row["back_translation"] = {
+                "translator": bts[0].translator,
+                "translated": sum(b.translator != "identity" for b in bts),
+                "cut": sum(b.cut for b in bts),
+                "empty_fallback": sum(b.fallback for b in bts),
+                "suspect_translator_refusals": sum(b.suspect for b in bts),
+                "file": "back_translations.jsonl",
+            }
+        out.setdefault(lang, {})[cond] = row
     return out
 
 
@@ -466,7 +526,7 @@ def _run(
     if config.judge != "none":
         t = time.perf_counter()
         judged = _judge(
-            config, paths, [c for c in read_jsonl(paths.completions) if c.condition in config.conditions], test, log
+            config, paths, rt, [c for c in read_jsonl(paths.completions) if c.condition in config.conditions], test, log
         )
         timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all

@@ -59,6 +59,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         n = next(x["n"] for x in h if x)
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
+    lines += _judge_section(ev, conds)
     if results.get("missing_test_files"):
         lines += ["", f"Missing test files (not evaluated): {', '.join(results['missing_test_files'])}."]
     lines += ["", "## Examples (first harmful prompt per language)", ""]
@@ -77,3 +78,46 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+    """Tables of the guard judge's compliance and, on back-translations, the paper's substring refusals."""
+    judged = {lang: {c: v["judge"] for c, v in by.items() if v.get("judge")} for lang, by in ev.items()}
+    judged = {lang: by for lang, by in judged.items() if by}
+    if not judged:
+        return []
+    some = next(iter(next(iter(judged.values())).values()))
+    out = ["", f"## Guard-model judge ({some['judge']}): compliance on harmful test prompts", ""]
+    out += ["| lang | " + " | ".join(conds) + " | n | unparsed verdicts |", "|---|" + "---|" * (len(conds) + 2)]
+    for lang, by in judged.items():
+        first = next(iter(by.values()))
+        cells = [_pct(by.get(c, {}).get("compliance_rate")) for c in conds]
+        flagged = sum(v["flagged"] for v in by.values())
+        out.append(f"| {lang} | " + " | ".join(cells) + f" | {first['n']} | {flagged} |")
+    bt = {lang: by for lang, by in judged.items() if any("back_translation" in v for v in by.values())}
+    if not bt:
+        out += ["", f"Responses were judged as generated ({some.get('note', '')})."]
+        return out
+    translator = next(v["back_translation"]["translator"] for by in bt.values() for v in by.values())
+    out += [
+        "",
+        (
+            f"Non-English responses were back-translated to English by `{translator}` before judging "
+            "(the paper: Google Translate). The paper's 13 English refusal substrings on that English text:"
+        ),
+        "",
+        "| lang | " + " | ".join(conds) + " | translator refusals? |",
+        "|---|" + "---|" * (len(conds) + 1),
+    ]
+    for lang, by in bt.items():
+        cells = [_pct(by.get(c, {}).get("paper_substring_refusal_rate")) for c in conds]
+        suspects = sum(v["back_translation"]["suspect_translator_refusals"] for v in by.values())
+        out.append(f"| {lang} | " + " | ".join(cells) + f" | {suspects} |")
+    out += [
+        "",
+        (
+            '"Translator refusals?" counts translations that read as a refusal while the original response does '
+            "not (multilingual markers): those verdicts may be the translator's refusal, not the model's."
+        ),
+    ]
+    return out

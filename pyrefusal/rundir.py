@@ -1,15 +1,19 @@
-"""Run directories: the saved configuration that makes a resumed run safe.
+"""Run directories: the saved configuration that makes a resumed run safe, and keyed caches.
 
 A stage that writes into an output directory saves its configuration there as ``config.json``. A
 later call in the same directory resumes only if every setting outside ``resumable`` is unchanged;
-otherwise it is refused rather than mixing results of two configurations. Imports nothing else from
-the package but the errors.
+otherwise it is refused rather than mixing results of two configurations.
+
+:class:`JsonlCache` is the append-only file behind the judge's verdicts and the back-translations:
+what was computed is on disk as soon as a batch finishes, and an interrupted write costs one line.
+Imports nothing else from the package but the errors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +52,71 @@ def write_config(out: Path, config: Mapping[str, Any]) -> None:
     """Save ``config`` as ``out/config.json`` (creating ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dict(config), indent=1))
+
+
+def digest(*parts: Any) -> str:
+    """sha256 (hex) of the JSON list of ``parts``: a cache key that changes with any part."""
+    payload = json.dumps(list(parts), ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class JsonlCache:
+    """Values keyed by a digest, kept in memory and appended to a JSONL file as they are made.
+
+    Each line is ``{"v": version, "key": ..., <extra fields>, <field>: value}``. The file is read at
+    construction. A last line cut by an interrupted write is removed from the file (that entry is
+    computed again); any other unreadable line is an error that says how to rebuild.
+
+    Args:
+        path: The JSONL file (``None`` = memory only).
+        field: Name of the value's field in each line (``"verdict"``, ``"english"``).
+        version: Written into every line.
+        what: Name of the cache in error messages ("judge-cache", "back-translation").
+
+    Raises:
+        PyrefusalError: A line other than the last is not a record of this cache.
+    """
+
+    def __init__(self, path: Path | str | None, *, field: str, version: int = 1, what: str = "cache") -> None:
+        self.path = Path(path) if path is not None else None
+        self.field, self.version, self.what = field, version, what
+        self._values: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            self._load(self.path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _load(self, path: Path) -> None:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self._values[row["key"]] = row[self.field]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if n == len(lines):  # cut by an interrupted write: drop it so appends start on a new line
+                    path.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
+                    continue
+                raise PyrefusalError(
+                    f"{path}: line {n} is not a {self.what} record ({exc}); delete the file to rebuild it"
+                ) from None
+
+    def add(self, entries: Iterable[tuple[str, Any, Mapping[str, Any]]]) -> None:
+        """Keep ``(key, value, extra fields)`` entries and append them to the file in one write."""
+        rows = []
+        for key, value, extra in entries:
+            self._values[key] = value
+            rows.append({"v": self.version, "key": key, **extra, self.field: value})
+        if self.path is None or not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

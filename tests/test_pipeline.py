@@ -72,6 +72,45 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
         run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
 
 
+def test_run_judges_back_translated_responses(tiny_model, polyrefuse_dir, tmp_path):
+    """--judge with --judge-translator: non-English responses are translated (cached) before judging."""
+    path, _ = tiny_model
+    out = tmp_path / "judged"
+    logs: list[str] = []
+    kw = {"conditions": ("baseline",), "capability": False, "judge": "wildguard", "judge_model": str(path)}
+    cfg = _config(path, polyrefuse_dir, judge_translator="self", **kw)
+    res = run_pipeline(cfg, out, log=logs.append)
+    rows = [json.loads(x) for x in (out / "back_translations.jsonl").read_text().splitlines()]
+    completions = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    de = {c["response"] for c in completions if c["lang"] == "de" and c["kind"] == "harmful"}
+    assert {r["record"]["response"] for r in rows} == de  # German harmful responses only, each once
+    assert all(r["record"]["lang"] == "de" and r["record"]["translator"].startswith("llama:") for r in rows)
+    j_de, j_en = res["evaluation"]["de"]["baseline"]["judge"], res["evaluation"]["en"]["baseline"]["judge"]
+    assert (
+        j_de["n"] == 3 and j_de["back_translation"]["translated"] == 3 and j_en["back_translation"]["translated"] == 0
+    )
+    assert 0.0 <= j_de["paper_substring_refusal_rate"] <= 1.0 and "note" not in j_de
+    # the random model answers no WildGuard format: every verdict is unparsed and counts as "no" (the paper's rule)
+    assert j_de["flagged"] == 3 and j_de["refusal_rate"] == 0.0 and j_de["compliance_rate"] == 1.0
+    # the judge read the translations: its cache holds one verdict per distinct (prompt, English text)
+    assert len((out / "judge_cache.jsonl").read_text().splitlines()) == 6
+    report = (out / "report.md").read_text()
+    assert "Guard-model judge (judge-wildguard:" in report and "back-translated to English by `llama:" in report
+    # a re-run translates and judges nothing again
+    logs.clear()
+    assert run_pipeline(cfg, out, log=logs.append)["evaluation"] == res["evaluation"]
+    assert any("back-translation" in x and ": 0 new" in x for x in logs)
+    assert any("judge" in x and ": 0 new" in x for x in logs)
+    # without a translator the run says that responses were judged as generated
+    plain = run_pipeline(_config(path, polyrefuse_dir, **kw), tmp_path / "plain", log=lambda s: None)
+    assert "not back-translated" in plain["evaluation"]["de"]["baseline"]["judge"]["note"]
+
+    def keys(d):
+        return {json.loads(x)["key"] for x in (d / "judge_cache.jsonl").read_text().splitlines()}
+
+    assert len(keys(out) & keys(tmp_path / "plain")) == 3  # same English pairs; the German ones differ
+
+
 def test_run_errors_are_clear(tiny_model, polyrefuse_dir, tmp_path):
     path, _ = tiny_model
     with pytest.raises(DataError, match="no PolyRefuse files"):
@@ -114,6 +153,12 @@ def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert res["direction"]["source_lang"] == "en"
+    # every option lands in its config field (renamed, comma-separated and flag options included)
+    expected = _config(
+        path, polyrefuse_dir, target_langs=("en",), n_train=4, n_val=2, n_test=2, max_new_tokens=4, n_seq_max=16
+    )
+    expected = {**expected.to_dict(), "n_ctx": RunConfig().n_ctx}
+    assert json.loads((tmp_path / "cli" / "config.json").read_text()) == json.loads(json.dumps(expected))
     assert (tmp_path / "cli" / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "selection.png" in (tmp_path / "cli" / "report.md").read_text()
     # --preset paper: the paper's sizes, except what is given explicitly

@@ -1,0 +1,164 @@
+"""Back-translation of responses to English before they are judged (method.md §6.2).
+
+The paper translates every non-English response to English (Google Translate) and gives that text
+to WildGuard and to its English substring list; English responses are judged as generated. This
+stage does the same with any :class:`~pyrefusal.build.Translator` (a local chat GGUF through
+:class:`~pyrefusal.build.LlamaTranslator` in ``pyrefusal run --judge-translator``), following the
+paper's rules: a response of 5000 characters or more is cut to 4999 before translating, and an
+empty translation falls back to the original response.
+
+Every translation is appended to a JSONL cache (keyed by translator, model file, language and
+text), so an interrupted or repeated run translates nothing twice.
+
+A safety-aligned translator can refuse to translate a harmful answer, and the judge would then
+count a refusal the model under test never made. :attr:`BackTranslation.suspect` marks those rows:
+the English text reads as a refusal to the paper's substring list while the original does not to
+the multilingual list. Reports count them, so an inflated refusal rate is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pyrefusal.build import Translator
+from pyrefusal.errors import PyrefusalError
+from pyrefusal.refusal import SubstringDetector
+from pyrefusal.rundir import JsonlCache, digest
+
+__all__ = ["PAPER_MAX_CHARS", "BackTranslation", "BackTranslator"]
+
+PAPER_MAX_CHARS = 4999
+"""Responses of 5000 characters or more are cut to this many before translating (method.md §6.2)."""
+
+_CACHE_VERSION = 1
+_PAPER = SubstringDetector("paper")
+_NATIVE = SubstringDetector("multilingual")
+
+
+@dataclass(frozen=True)
+class BackTranslation:
+    """One response and the English text the judges read.
+
+    Attributes:
+        lang: Language of the prompt (``"en"`` responses are not translated).
+        response: The response as generated.
+        english: What the judges read: the translation, or ``response`` for English.
+        translator: Name of the translator, ``"identity"`` for English.
+        cut: The response was cut to ``max_chars`` before translating.
+        fallback: The translation came back empty and ``english`` is the original (the paper's rule).
+        suspect: ``english`` reads as a refusal (paper substrings) but the original does not
+            (multilingual substrings): possibly the translator refusing, not the model.
+    """
+
+    lang: str
+    response: str
+    english: str
+    translator: str
+    cut: bool = False
+    fallback: bool = False
+    suspect: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackTranslation:
+        """Rebuild a record saved with :meth:`to_dict`."""
+        return cls(**data)
+
+
+class BackTranslator:
+    """Translate responses to English with a cache on disk.
+
+    Args:
+        translator: Any :class:`~pyrefusal.build.Translator`; ``model_sha256`` enters the cache key
+            when it has one.
+        cache_path: JSONL file of translations (``None`` = memory only).
+        max_chars: Responses longer than this are cut before translating (paper: 4999).
+        batch_size: Responses sent to the translator (and appended to the cache) together.
+    """
+
+    def __init__(
+        self,
+        translator: Translator,
+        *,
+        cache_path: Path | str | None = None,
+        max_chars: int = PAPER_MAX_CHARS,
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(translator, Translator):
+            raise PyrefusalError(
+                f"{translator!r} is not a translator: it needs a `name` and `translate(texts, source, target)`"
+            )
+        self.translator = translator
+        self.max_chars = max_chars
+        self.batch_size = max(1, batch_size)
+        self._cache = JsonlCache(cache_path, field="record", version=_CACHE_VERSION, what="back-translation")
+        self.translated = 0  # responses sent to the translator (cache misses)
+
+    @property
+    def name(self) -> str:
+        """The translator's name, recorded with every translation."""
+        return self.translator.name
+
+    def cache_key(self, lang: str, response: str) -> str:
+        """sha256 of (translator name, model sha256, language, response, max_chars), hex."""
+        return digest(self.name, getattr(self.translator, "model_sha256", ""), lang, response, self.max_chars)
+
+    def back_translate(self, responses: Sequence[str], langs: Sequence[str]) -> list[BackTranslation]:
+        """English text for each response; English ones pass through, cached ones are not redone.
+
+        Args:
+            responses: The responses as generated.
+            langs: Language of each response's prompt.
+
+        Returns:
+            One :class:`BackTranslation` per response, in order.
+
+        Raises:
+            PyrefusalError: ``responses`` and ``langs`` differ in length, or the translator returned
+                the wrong number of texts.
+        """
+        if len(responses) != len(langs):
+            raise PyrefusalError(f"{len(responses)} responses but {len(langs)} languages; pass one language each")
+        out: dict[int, BackTranslation] = {}
+        pending: dict[str, dict[str, str]] = {}  # lang -> {key: response}
+        keys: list[str | None] = []
+        for i, (text, lang) in enumerate(zip(responses, langs, strict=True)):
+            if lang.casefold() == "en":
+                out[i] = BackTranslation(lang, text, text, "identity")
+                keys.append(None)
+                continue
+            key = self.cache_key(lang, text)
+            keys.append(key)
+            if key not in self._cache:
+                pending.setdefault(lang, {})[key] = text
+        for lang, todo in pending.items():
+            items = list(todo.items())
+            for start in range(0, len(items), self.batch_size):
+                self._translate_chunk(lang, items[start : start + self.batch_size])
+        for i, key in enumerate(keys):
+            if key is not None:
+                out[i] = BackTranslation.from_dict(self._cache[key])
+        return [out[i] for i in range(len(responses))]
+
+    def _translate_chunk(self, lang: str, items: list[tuple[str, str]]) -> None:
+        texts = [r[: self.max_chars] for _, r in items]
+        english = self.translator.translate(texts, lang, "en")
+        if len(english) != len(texts):
+            raise PyrefusalError(
+                f"translator {self.name} returned {len(english)} texts for {len(texts)}; it must return one per input"
+            )
+        made = []
+        for (key, response), text, en in zip(items, texts, english, strict=True):
+            fallback = not en.strip()
+            en = text if fallback else en
+            suspect = _PAPER.judge(en, "en").refused and not _NATIVE.judge(response, lang).refused
+            rec = BackTranslation(lang, response, en, self.name, len(text) < len(response), fallback, suspect)
+            made.append((key, rec.to_dict(), {}))
+        self.translated += len(items)
+        self._cache.add(made)
