@@ -122,9 +122,14 @@ class RunPaths:
         )
 
 
+# Settings a finished or interrupted run may be re-run with: they change no stored output. Judging
+# (added later to a run), capability metrics (recomputed each call) and the runtime's resources.
+_RESUMABLE_KEYS = {"judge", "judge_model", "judge_translator", "capability", "n_threads", "n_gpu_layers", "n_ctx"}
+
+
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
     """Refuse a directory that holds a run of another configuration; with ``force`` clear it."""
-    check_config(paths.root, config.to_dict(), what="run", force=force)
+    check_config(paths.root, config.to_dict(), what="run", force=force, resumable=_RESUMABLE_KEYS)
     if force:
         for p in (
             paths.prompts,

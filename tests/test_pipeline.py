@@ -77,9 +77,15 @@ def test_run_judges_back_translated_responses(tiny_model, polyrefuse_dir, tmp_pa
     path, _ = tiny_model
     out = tmp_path / "judged"
     logs: list[str] = []
-    kw = {"conditions": ("baseline",), "capability": False, "judge": "wildguard", "judge_model": str(path)}
+    kw = {"conditions": ("baseline",), "capability": False}
+    first = run_pipeline(_config(path, polyrefuse_dir, **kw), out, log=logs.append)
+    assert "judge" not in first["evaluation"]["de"]["baseline"]
+    generated = (out / "completions.jsonl").read_text()
+    # judging is added to the finished run: nothing is generated again
+    kw |= {"judge": "wildguard", "judge_model": str(path)}
     cfg = _config(path, polyrefuse_dir, judge_translator="self", **kw)
     res = run_pipeline(cfg, out, log=logs.append)
+    assert (out / "completions.jsonl").read_text() == generated
     rows = [json.loads(x) for x in (out / "back_translations.jsonl").read_text().splitlines()]
     completions = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
     de = {c["response"] for c in completions if c["lang"] == "de" and c["kind"] == "harmful"}
