@@ -10,10 +10,12 @@ empty translation falls back to the original response.
 Every translation is appended to a JSONL cache (keyed by translator, model file, language and
 text), so an interrupted or repeated run translates nothing twice.
 
-A safety-aligned translator can refuse to translate a harmful answer, and the judge would then
-count a refusal the model under test never made. :attr:`BackTranslation.suspect` marks those rows:
-the English text reads as a refusal to the paper's substring list while the original does not to
-the multilingual list. Reports count them, so an inflated refusal rate is visible.
+:attr:`BackTranslation.english_only_refusal` marks the rows where the English text reads as a
+refusal to the paper's substring list while the original does not to the multilingual list. Either
+the translator refused to translate a harmful answer (a refusal the model under test never made), or
+the model refused in words the native markers miss (on Qwen2.5-Coder-1.5B: ja
+"私はAIアシスタントであり、…不適切です" -> "I am an AI assistant, and ... is inappropriate"). Reports
+count these rows so that either case is looked at, not silently absorbed into a rate.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class BackTranslation:
         translator: Name of the translator, ``"identity"`` for English.
         cut: The response was cut to ``max_chars`` before translating.
         fallback: The translation came back empty and ``english`` is the original (the paper's rule).
-        suspect: ``english`` reads as a refusal (paper substrings) but the original does not
-            (multilingual substrings): possibly the translator refusing, not the model.
+        english_only_refusal: ``english`` reads as a refusal (paper substrings) but the original
+            does not (multilingual substrings): the translator refusing, or a refusal the native
+            markers miss.
     """
 
     lang: str
@@ -59,7 +62,7 @@ class BackTranslation:
     translator: str
     cut: bool = False
     fallback: bool = False
-    suspect: bool = False
+    english_only_refusal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (inverse of :meth:`from_dict`)."""
@@ -157,8 +160,8 @@ class BackTranslator:
         for (key, response), text, en in zip(items, texts, english, strict=True):
             fallback = not en.strip()
             en = text if fallback else en
-            suspect = _PAPER.judge(en, "en").refused and not _NATIVE.judge(response, lang).refused
-            rec = BackTranslation(lang, response, en, self.name, len(text) < len(response), fallback, suspect)
+            only_en = _PAPER.judge(en, "en").refused and not _NATIVE.judge(response, lang).refused
+            rec = BackTranslation(lang, response, en, self.name, len(text) < len(response), fallback, only_en)
             made.append((key, rec.to_dict(), {}))
         self.translated += len(items)
         self._cache.add(made)

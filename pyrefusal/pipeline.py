@@ -330,7 +330,7 @@ def _judge(
                 "translated": sum(b.translator != "identity" for b in bts),
                 "cut": sum(b.cut for b in bts),
                 "empty_fallback": sum(b.fallback for b in bts),
-                "suspect_translator_refusals": sum(b.suspect for b in bts),
+                "english_only_refusals": sum(b.english_only_refusal for b in bts),
                 "file": "back_translations.jsonl",
             }
         out.setdefault(lang, {})[cond] = row

@@ -106,18 +106,19 @@ def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
             "(the paper: Google Translate). The paper's 13 English refusal substrings on that English text:"
         ),
         "",
-        "| lang | " + " | ".join(conds) + " | translator refusals? |",
+        "| lang | " + " | ".join(conds) + " | refusals only in English |",
         "|---|" + "---|" * (len(conds) + 1),
     ]
     for lang, by in bt.items():
         cells = [_pct(by.get(c, {}).get("paper_substring_refusal_rate")) for c in conds]
-        suspects = sum(v["back_translation"]["suspect_translator_refusals"] for v in by.values())
-        out.append(f"| {lang} | " + " | ".join(cells) + f" | {suspects} |")
+        only_en = sum(v["back_translation"]["english_only_refusals"] for v in by.values())
+        out.append(f"| {lang} | " + " | ".join(cells) + f" | {only_en} |")
     out += [
         "",
         (
-            '"Translator refusals?" counts translations that read as a refusal while the original response does '
-            "not (multilingual markers): those verdicts may be the translator's refusal, not the model's."
+            '"Refusals only in English" counts translations that read as a refusal while the original '
+            "response does not (multilingual markers): the translator refusing, or a refusal the native "
+            "markers miss. Read those rows in back_translations.jsonl."
         ),
     ]
     return out

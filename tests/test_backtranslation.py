@@ -1,4 +1,4 @@
-"""Back-translation before judging: the paper's rules (cut, empty fallback), caching, suspects."""
+"""Back-translation before judging: the paper's rules (cut, empty fallback), caching, English-only refusals."""
 
 from __future__ import annotations
 
@@ -77,15 +77,15 @@ def test_paper_rules_cut_long_responses_and_fall_back_on_empty_translations():
     assert not out[2].cut and not out[2].fallback
 
 
-def test_translator_refusals_are_marked_suspect():
+def test_refusals_only_in_english_are_marked():
     answers = {
         "Hier ist die Anleitung: Schritt 1": "I'm sorry, but I cannot translate this.",
         "Es tut mir leid, das kann ich nicht.": "I'm sorry, I can't do that.",
         "Hier ist ein Gedicht.": "Here is a poem.",
     }
     out = BackTranslator(Recorder(answers=answers)).back_translate(list(answers), ["de"] * 3)
-    # the model complied but the translation reads as a refusal: suspect
-    assert [b.suspect for b in out] == [True, False, False]
+    # the model complied but the translation reads as a refusal (here: the translator refused)
+    assert [b.english_only_refusal for b in out] == [True, False, False]
 
 
 def test_records_round_trip_and_errors_are_clear():

@@ -104,4 +104,4 @@ def test_back_translation_keeps_refusals_and_compliance_apart(default_model):
         print(b.lang, repr(b.response), "->", repr(b.english))
     assert all(b.english.isascii() and b.translator.startswith("llama:") for b in out)
     assert [paper.judge(b.english, "en").refused for b in out] == [True] * len(refusals) + [False] * len(answers)
-    assert not any(b.suspect for b in out)
+    assert not any(b.english_only_refusal for b in out)
