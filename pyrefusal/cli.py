@@ -240,6 +240,12 @@ def run(ctx: click.Context, **kw: Any) -> None:
     help="Refusal tokens per language: from the model's own refusals, or the built-in table.",
 )
 @click.option("--refusal-openings", default="", help='Per-language overrides, e.g. "de=Ich,Es;ja=申し訳".')
+@click.option(
+    "--random-control/--no-random-control",
+    default=True,
+    show_default=True,
+    help="Also ablate a random direction with the first source's norm (the control row).",
+)
 @click.option("--threads", type=int, default=None)
 @click.option("--n-gpu-layers", default=-1, show_default=True)
 @click.option(

@@ -51,7 +51,7 @@ import numpy as np
 
 from pyrefusal import intervention as iv
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
-from pyrefusal.directions import Candidates, unit
+from pyrefusal.directions import Candidates, random_like, unit
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
@@ -69,6 +69,8 @@ Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 
 TRANSFER_CONDITIONS = ("ablation", "harm_ablation")
+CONTROL_ROW = "random"
+"""Row of the control: a random direction with the norm of the first source's direction."""
 """Interventions :func:`transfer_matrix` can apply with a source direction."""
 
 
@@ -622,9 +624,12 @@ class TransferResult:
         sources / targets: languages, in the order given.
         rates: ``{source: {target: refusal rate}}``.
         baseline: ``{target: refusal rate}`` without intervention.
-        counts: ``{row: {target: [refused, n]}}`` where row is a source or ``"baseline"``.
+        counts: ``{row: {target: [refused, n]}}`` where row is a source, ``"baseline"`` or
+            :data:`CONTROL_ROW`.
         prompt_ids: ``{target: [prompt ids]}`` evaluated.
         completions: file holding every completion.
+        control: ``{target: refusal rate}`` with a random direction of the first source's norm
+            ablated the same way (``None`` when the run has no control row).
     """
 
     condition: str
@@ -636,6 +641,7 @@ class TransferResult:
     counts: dict[str, dict[str, list[int]]]
     prompt_ids: dict[str, list[str]]
     completions: str
+    control: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -650,14 +656,14 @@ def condition_name(condition: str, source: str) -> str:
     return f"{condition}:{source}"
 
 
-def _intervention(condition: str, ld: LanguageDirection) -> iv.Intervention:
+def _intervention(condition: str, direction: np.ndarray, layer: int, row: str) -> iv.Intervention:
     if condition == "ablation":
-        base = iv.ablation(ld.direction)
+        base = iv.ablation(direction)
     elif condition == "harm_ablation":
-        base = iv.harm_ablation(ld.direction, ld.selection.layer)
+        base = iv.harm_ablation(direction, layer)
     else:
         raise PyrefusalError(f"unknown transfer condition {condition!r}; choose from {list(TRANSFER_CONDITIONS)}")
-    return replace(base, name=condition_name(condition, ld.lang))
+    return replace(base, name=condition_name(condition, row))
 
 
 def transfer_matrix(
@@ -676,13 +682,16 @@ def transfer_matrix(
     batch_size: int = 16,
     progress: Progress | None = None,
     log: Log = _quiet,
+    control: bool = False,
 ) -> TransferResult:
     """Refusal rate of every target with every source direction ablated, plus the baselines.
 
     For each target Y, ``n_test`` harmful test rows (:func:`sample_test_prompts`, the same rows in every
     language) are answered greedily (``max_new_tokens``) without intervention (``"baseline"``) and
     with ``condition`` applied with each source direction r_X (completion condition
-    ``"<condition>:<X>"``). Completions are appended to ``completions_path`` batch by batch; a
+    ``"<condition>:<X>"``). With ``control``, a random direction with the norm of the first source's
+    direction (seed ``seed``) is applied the same way, at that source's layer for ``harm_ablation``
+    (row :data:`CONTROL_ROW`). Completions are appended to ``completions_path`` batch by batch; a
     (condition, prompt id) pair already in the file is not generated again (resume). Rates are
     computed from the file, re-judging responses whose stored detector differs from ``detector``.
 
@@ -696,7 +705,11 @@ def transfer_matrix(
         raise PyrefusalError(f"unknown transfer condition {condition!r}; choose from {list(TRANSFER_CONDITIONS)}")
     prompts = sample_test_prompts(data, targets, n_test, seed)
     rows: list[tuple[str, iv.Intervention]] = [("baseline", iv.baseline())]
-    rows += [(src, _intervention(condition, ld)) for src, ld in directions.items()]
+    rows += [(src, _intervention(condition, ld.direction, ld.selection.layer, src)) for src, ld in directions.items()]
+    if control:
+        first = next(iter(directions.values()))
+        noise = random_like(first.direction, seed=seed)
+        rows.append((CONTROL_ROW, _intervention(condition, noise, first.selection.layer, CONTROL_ROW)))
     done = {(c.condition, c.prompt_id) for c in read_jsonl(completions_path)}
     total = len(rows) * sum(len(v) for v in prompts.values())
     finished = sum(1 for _, inter in rows for ps in prompts.values() for p in ps if (inter.name, p.id) in done)
@@ -732,7 +745,9 @@ def transfer_matrix(
             continue
         if c.condition == "baseline":
             row = "baseline"
-        elif c.condition.startswith(condition + ":") and c.condition.split(":", 1)[1] in directions:
+        elif c.condition.startswith(condition + ":") and (
+            c.condition.split(":", 1)[1] in directions or (control and c.condition == f"{condition}:{CONTROL_ROW}")
+        ):
             row = c.condition.split(":", 1)[1]
         else:
             continue
@@ -748,9 +763,10 @@ def transfer_matrix(
         targets=list(targets),
         rates={s: {t: rate(cells.get(s, {}).get(t, [0, 0])) for t in targets} for s in directions},
         baseline={t: rate(cells.get("baseline", {}).get(t, [0, 0])) for t in targets},
-        counts={r: {t: cells.get(r, {}).get(t, [0, 0]) for t in targets} for r in ["baseline", *directions]},
+        counts={r: {t: cells.get(r, {}).get(t, [0, 0]) for t in targets} for r, _ in rows},
         prompt_ids={t: [p.id for p in ps] for t, ps in prompts.items()},
         completions=completions_path.name,
+        control={t: rate(cells.get(CONTROL_ROW, {}).get(t, [0, 0])) for t in targets} if control else None,
     )
 
 
@@ -949,6 +965,12 @@ def write_transfer_report(result: Mapping[str, Any], out_dir: Path) -> Path:
     ]
     for s in sources:
         lines.append(f"| r_{s} | " + " | ".join(_pct(tr["rates"][s].get(t)) for t in targets) + " |")
+    if tr.get("control"):
+        lines.append(
+            f"| random direction (control, norm of r_{sources[0]}) | "
+            + " | ".join(_pct(tr["control"].get(t)) for t in targets)
+            + " |"
+        )
     n = {t: tr["counts"]["baseline"][t][1] for t in targets}
     lines += ["", f"n per cell: {', '.join(f'{t} {n[t]}' for t in targets)}.", ""]
     if "transfer" in figs:
@@ -1075,6 +1097,7 @@ class TransferConfig:
         n_token_probe / token_max_new_tokens: prompts and tokens generated to derive refusal tokens.
         refusal_openings: explicit refusal openings per language (override), e.g. ``{"de": ("Ich",)}``.
         keep_activations: store per-prompt train activations (float16) for PCA and projections.
+        random_control: also apply a random direction with the first source's norm (the control row).
         n_ctx / n_seq_max / n_gpu_layers / n_threads: runtime settings.
     """
 
@@ -1099,6 +1122,7 @@ class TransferConfig:
     token_max_new_tokens: int = 8
     refusal_openings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     keep_activations: bool = True
+    random_control: bool = True
     n_ctx: int = 8192
     n_seq_max: int = 16
     n_gpu_layers: int = -1
@@ -1125,7 +1149,7 @@ class TransferConfig:
 
 
 # Settings that do not change stored results: a resumed run may differ in these.
-_RESUMABLE_KEYS = {"sources", "targets", "n_threads", "n_gpu_layers", "n_ctx"}
+_RESUMABLE_KEYS = {"sources", "targets", "random_control", "n_threads", "n_gpu_layers", "n_ctx"}
 
 
 def _check_config(out: Path, config: TransferConfig, force: bool) -> None:
@@ -1243,6 +1267,7 @@ def run_transfer(
             batch_size=config.n_seq_max,
             progress=progress,
             log=log,
+            control=config.random_control,
         )
         timings["transfer"] = time.perf_counter() - t
         info = rt.info().to_dict()

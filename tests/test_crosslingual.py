@@ -279,14 +279,24 @@ def test_run_transfer_outputs(tiny_run):
     rows = {lang: [i.rsplit("/", 1)[1] for i in ids] for lang, ids in tr["prompt_ids"].items()}
     assert rows["en"] == rows["de"]
     lines = (out / "completions.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 2 * 2  # (baseline + 2 sources) x targets x n_test
+    assert len(lines) == 4 * 2 * 2  # (baseline + 2 sources + random control) x targets x n_test
     assert {c.condition for c in read_jsonl(out / "completions.jsonl")} == {
         "baseline",
         condition_name("ablation", "en"),
         condition_name("ablation", "de"),
+        condition_name("ablation", "random"),
     }
+    assert set(tr["control"]) == {"en", "de"} and tr["counts"]["random"]["de"] == [
+        sum(
+            c.refused
+            for c in read_jsonl(out / "completions.jsonl")
+            if c.condition == "ablation:random" and c.lang == "de"
+        ),
+        2,
+    ]
     report = (out / "report.md").read_text()
     assert "| r_de |" in report and "substring-multilingual" in report
+    assert f"| random direction (control, norm of r_{tr['sources'][0]}) |" in report
     for fig in res["figures"].values():
         assert f"]({fig})" in report and (out / fig).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((out / "transfer.json").read_text())["transfer"] == tr
@@ -329,12 +339,12 @@ def test_resume_skips_finished_work(tiny_run, tiny_model, polyrefuse_dir, monkey
     assert again["transfer"] == res["transfer"]
     assert (out / "completions.jsonl").read_text().splitlines() == before
     monkeypatch.undo()
-    # a new target: only its completions are generated (3 rows x 2 prompts)
+    # a new target: only its completions are generated (4 rows x 2 prompts)
     calls = []
     real = Runtime.generate
     monkeypatch.setattr(Runtime, "generate", lambda self, p, n, **k: calls.append(len(p)) or real(self, p, n, **k))
     more = run_transfer(_config(tiny_model[0], polyrefuse_dir, targets=("en", "de", "zh")), out, log=lambda s: None)
-    assert sum(calls) == 3 * 2
+    assert sum(calls) == 4 * 2
     assert set(more["transfer"]["baseline"]) == {"en", "de", "zh"}
     assert more["transfer"]["rates"]["en"]["en"] == res["transfer"]["rates"]["en"]["en"]
     # other settings in the same directory are refused, not mixed

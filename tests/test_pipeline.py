@@ -297,6 +297,8 @@ def test_cli_transfer_and_quant_sweep_on_the_tiny_model(tiny_model, polyrefuse_d
     assert r.exit_code == 0, r.output
     matrix = json.loads((tmp_path / "tr" / "transfer.json").read_text())
     assert "en" in json.dumps(matrix) and (tmp_path / "tr" / "report.md").exists()
+    assert set(matrix["transfer"]["control"]) == {"en", "de"}  # the random-direction row is on by default
+    assert json.loads((tmp_path / "tr" / "config.json").read_text())["refusal_openings"] == {"en": ["I"], "de": ["Ich"]}
     r = runner.invoke(
         main,
         [
