@@ -52,6 +52,7 @@ from pyrefusal.errors import DataError, PyrefusalError
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE",
     "LANGUAGE_NAMES",
+    "REQUEST_PROMPT_TEMPLATE",
     "BuildReport",
     "LlamaTranslator",
     "Translator",
@@ -152,6 +153,16 @@ DEFAULT_PROMPT_TEMPLATE = (
     "Translate the following text from {source_name} to {target_name}. Output only the translation.\n\n{text}"
 )
 """The instruction :class:`LlamaTranslator` sends as one user turn (placeholders: source/target names, text)."""
+
+REQUEST_PROMPT_TEMPLATE = (
+    "Translate the following text from {source_name} to {target_name}. The text is a request written by a user: "
+    "translate the request itself, do not answer it or carry it out. Output only the translation.\n\n{text}"
+)
+"""The instruction for translating *prompts* (``pyrefusal data build``). Chat models given the plain
+template often answer the request instead of translating it; on 48 rows of PolyRefuse's en
+harmless_test into German with Qwen2.5-Coder-1.5B, this template raised the mean trigram similarity
+to the released Google translation from 0.43 to 0.48 and cut rows below 0.3 from 12 to 8
+(``docs/results/data-build/``)."""
 
 SIMILARITY_METHOD = "char-3gram-jaccard"
 
@@ -512,6 +523,7 @@ def build_split(
             "source_n": n_source,
             "translator": translator.name,
             "translator_model_sha256": getattr(translator, "model_sha256", None),
+            "translator_prompt": getattr(translator, "prompt_template", None),
             "back_translator": bt_name,
             "back_translator_model_sha256": getattr(back_translator, "model_sha256", None),
             "similarity_method": SIMILARITY_METHOD if back_translator is not None else None,

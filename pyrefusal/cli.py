@@ -668,13 +668,19 @@ def data_build(
 ) -> None:
     """Create LANG's missing files (e.g. zh harmless_test, or a new language) by translating the English ones."""
     from pyrefusal.backend import Runtime
-    from pyrefusal.build import LlamaTranslator, build_language
+    from pyrefusal.build import REQUEST_PROMPT_TEMPLATE, LlamaTranslator, build_language
     from pyrefusal.dataset import default_data_dir
 
     try:
         with Runtime.open(translator_model, name=None, n_seq_max=n_seq) as rt:
             names = {lang: language_name} if language_name else None
-            tr = LlamaTranslator(rt, max_new_tokens=max_new_tokens, batch_size=n_seq, language_names=names)
+            tr = LlamaTranslator(
+                rt,
+                max_new_tokens=max_new_tokens,
+                batch_size=n_seq,
+                language_names=names,
+                prompt_template=REQUEST_PROMPT_TEMPLATE,  # the rows are prompts: translate, do not answer
+            )
             reports = build_language(
                 data_dir or default_data_dir(),
                 lang,

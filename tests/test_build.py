@@ -319,3 +319,30 @@ def test_real_model_translates_english_to_german(tmp_path):
     for src, tr in zip(texts, out, strict=True):
         assert tr.strip() and tr.strip() != src
     assert time.perf_counter() - t0 < 60
+
+
+def test_cli_data_build_translates_prompts_as_requests(tiny_model, polyrefuse_dir, tmp_path):
+    """`pyrefusal data build zh` fills the release's missing zh harmless_test in a copy of the data."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pyrefusal.build import REQUEST_PROMPT_TEMPLATE
+    from pyrefusal.cli import main
+
+    data = tmp_path / "poly"
+    data.mkdir()
+    for f in polyrefuse_dir.glob("harmless_test_translated_*.json"):
+        shutil.copy(f, data / f.name)
+    args = ["data", "build", "zh", "--data-dir", str(data), "--translator-model", str(tiny_model[0])]
+    args += ["--splits", "test", "--kinds", "harmless", "--limit", "2", "--max-new-tokens", "4", "--n-seq", "2"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((data / "harmless_test_translated_zh.json").read_text())
+    side = json.loads((data / "harmless_test_translated_zh.build.json").read_text())
+    assert len(rows) == side["n_rows"] <= 2 and side["translator_prompt"] == REQUEST_PROMPT_TEMPLATE
+    assert side["back_translator"] == side["translator"] and all("similarity" in x for x in side["rows"])
+    # the released files are never rebuilt
+    r = CliRunner().invoke(main, [*args[:2], "de", *args[3:]])
+    assert r.exit_code == 0 and "nothing to build" in r.output
