@@ -128,26 +128,22 @@ class BackTranslator:
         """
         if len(responses) != len(langs):
             raise PyrefusalError(f"{len(responses)} responses but {len(langs)} languages; pass one language each")
-        out: dict[int, BackTranslation] = {}
+        pairs = list(zip(responses, langs, strict=True))
+        keys = [None if lang.casefold() == "en" else self.cache_key(lang, text) for text, lang in pairs]
         pending: dict[str, dict[str, str]] = {}  # lang -> {key: response}
-        keys: list[str | None] = []
-        for i, (text, lang) in enumerate(zip(responses, langs, strict=True)):
-            if lang.casefold() == "en":
-                out[i] = BackTranslation(lang, text, text, "identity")
-                keys.append(None)
-                continue
-            key = self.cache_key(lang, text)
-            keys.append(key)
-            if key not in self._cache:
+        for key, (text, lang) in zip(keys, pairs, strict=True):
+            if key is not None and key not in self._cache:
                 pending.setdefault(lang, {})[key] = text
         for lang, todo in pending.items():
             items = list(todo.items())
             for start in range(0, len(items), self.batch_size):
                 self._translate_chunk(lang, items[start : start + self.batch_size])
-        for i, key in enumerate(keys):
-            if key is not None:
-                out[i] = BackTranslation.from_dict(self._cache[key])
-        return [out[i] for i in range(len(responses))]
+        return [
+            BackTranslation(lang, text, text, "identity")
+            if key is None
+            else BackTranslation.from_dict(self._cache[key])
+            for key, (text, lang) in zip(keys, pairs, strict=True)
+        ]
 
     def _translate_chunk(self, lang: str, items: list[tuple[str, str]]) -> None:
         texts = [r[: self.max_chars] for _, r in items]

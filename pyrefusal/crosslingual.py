@@ -69,9 +69,9 @@ Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 
 TRANSFER_CONDITIONS = ("ablation", "harm_ablation")
+"""Interventions :func:`transfer_matrix` can apply with a source direction."""
 CONTROL_ROW = "random"
 """Row of the control: a random direction with the norm of the first source's direction."""
-"""Interventions :func:`transfer_matrix` can apply with a source direction."""
 
 
 def _quiet(_: str) -> None:
@@ -739,17 +739,11 @@ def transfer_matrix(
             on_batch=on_batch,
         )
     wanted = {p.id: t for t, ps in prompts.items() for p in ps}
+    row_of = {inter.name: row for row, inter in rows}  # completion condition -> matrix row
     cells: dict[str, dict[str, list[int]]] = {}
     for c in read_jsonl(completions_path):
-        if c.prompt_id not in wanted:
-            continue
-        if c.condition == "baseline":
-            row = "baseline"
-        elif c.condition.startswith(condition + ":") and (
-            c.condition.split(":", 1)[1] in directions or (control and c.condition == f"{condition}:{CONTROL_ROW}")
-        ):
-            row = c.condition.split(":", 1)[1]
-        else:
+        row = row_of.get(c.condition)
+        if c.prompt_id not in wanted or row is None:
             continue
         refused = c.refused if c.detector == detector.name else detector.judge(c.response, c.lang).refused
         cell = cells.setdefault(row, {}).setdefault(wanted[c.prompt_id], [0, 0])
