@@ -121,7 +121,7 @@ def doctor() -> None:
     "--conditions",
     default="baseline,ablation",
     show_default=True,
-    help="Comma-separated: baseline, ablation, actadd, harm_ablation, random_ablation.",
+    help="Comma-separated: baseline, ablation, actadd, induce, harm_ablation, random_ablation.",
 )
 @click.option("--kl-threshold", default=0.2, show_default=True, help="Selection: max KL on harmless val (paper 0.2).")
 @click.option(

@@ -3,6 +3,11 @@
 Completions are values (:class:`Completion`) written to JSONL as they are produced, so an
 interrupted run keeps what it generated. Refusal detection goes through a
 :class:`~pyrefusal.refusal.RefusalDetector`; every number records which detector made it.
+
+Each refused completion also records its *refusal onset*: how many generated tokens the detector
+needed to call it a refusal. From it :func:`summarize` gives the refusal rate a shorter generation
+budget would have measured (``refusal_by_budget``), which shows refusals that come late (an answer
+that starts complying and refuses later, "delayed refusal") and whether ``max_new_tokens`` was enough.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Completion:
     refused: bool
     marker: str | None
     detector: str
+    refusal_token: int | None = None  # generated tokens the detector needed to see the refusal; None if complied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +74,7 @@ def generate_completions(
             batch = []
             for p, g in zip(chunk, gens, strict=True):
                 v = detector.judge(g.text, p.lang)
+                onset = refusal_onset(runtime, g.tokens, p.lang, detector) if v.refused else None
                 batch.append(
                     Completion(
                         prompt_id=p.id,
@@ -81,6 +88,7 @@ def generate_completions(
                         refused=v.refused,
                         marker=v.marker,
                         detector=v.detector,
+                        refusal_token=onset,
                     )
                 )
             out += batch
@@ -89,6 +97,32 @@ def generate_completions(
     finally:
         runtime.clear_plan()
     return out
+
+
+def refusal_onset(runtime: Any, tokens: Sequence[int], lang: str, detector: RefusalDetector) -> int | None:
+    """Return the smallest ``k`` such that the first ``k`` generated tokens already read as a refusal.
+
+    Binary search between the empty prefix (never a refusal) and the whole response, so it costs
+    ``log2(len(tokens))`` detokenize + judge calls. The result ``k`` always satisfies: prefix ``k`` is
+    judged a refusal and prefix ``k - 1`` is not (for substring detectors, whose verdict can only turn
+    on as text is added, that is the first such ``k``). ``None`` if the whole response is not refused.
+    """
+    text = lambda k: runtime.detokenize(tokens[:k]).strip()  # noqa: E731
+    if not tokens or not detector.judge(text(len(tokens)), lang).refused:
+        return None
+    lo, hi = 0, len(tokens)  # invariant: prefix lo is not a refusal, prefix hi is
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if detector.judge(text(mid), lang).refused:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def budget_grid(max_new_tokens: int) -> tuple[int, ...]:
+    """Generation budgets to report refusal rates at: powers of two from 8 below ``max_new_tokens``, then it."""
+    return (*(b for b in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if b < max_new_tokens), max_new_tokens)
 
 
 def append_jsonl(path: Path, rows: Iterable[Completion]) -> None:
@@ -107,8 +141,28 @@ def read_jsonl(path: Path) -> list[Completion]:
     return rows
 
 
-def summarize(completions: Iterable[Completion]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """Refusal rates: ``{lang: {condition: {kind: {"n", "refused", "refusal_rate", "detector"}}}}``."""
+def refusal_by_budget(rows: Sequence[Completion], budgets: Sequence[int]) -> dict[str, float] | None:
+    """Refusal rate had generation stopped after each budget: ``{str(budget): rate}``.
+
+    A completion counts as refused at budget ``b`` when its refusal onset is ``<= b``. ``None`` when
+    some refused row has no onset (completions written before onsets were recorded) or there are no rows.
+    """
+    if not rows or any(r.refused and r.refusal_token is None for r in rows):
+        return None
+    return {
+        str(b): sum(r.refused and r.refusal_token is not None and r.refusal_token <= b for r in rows) / len(rows)
+        for b in budgets
+    }
+
+
+def summarize(
+    completions: Iterable[Completion], budgets: Sequence[int] = ()
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Refusal rates: ``{lang: {condition: {kind: {"n", "refused", "refusal_rate", "detector"}}}}``.
+
+    With ``budgets`` (e.g. :func:`budget_grid`), each entry also has ``"refusal_by_budget"``
+    (:func:`refusal_by_budget`).
+    """
     acc: dict[tuple[str, str, str], list[Completion]] = {}
     for c in completions:
         acc.setdefault((c.lang, c.condition, c.kind), []).append(c)
@@ -121,4 +175,6 @@ def summarize(completions: Iterable[Completion]) -> dict[str, dict[str, dict[str
             "refusal_rate": k / len(rows),
             "detector": rows[0].detector,
         }
+        if budgets:
+            out[lang][cond][kind]["refusal_by_budget"] = refusal_by_budget(rows, budgets)
     return out

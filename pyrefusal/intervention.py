@@ -2,7 +2,7 @@
 
 An :class:`Intervention` is a spec (directions, layers, coefficients) that can be saved in
 a run and applied to a :class:`~pyrefusal.backend.Runtime` by :func:`arm`. The conditions of
-the paper are built by :func:`baseline`, :func:`ablation`, :func:`actadd` and
+the paper are built by :func:`baseline`, :func:`ablation`, :func:`actadd`, :func:`induce` and
 :func:`harm_ablation`.
 
 Semantics (Arditi et al. 2024; Wang et al. 2025, method.md §5):
@@ -143,6 +143,11 @@ def ablation(direction: np.ndarray) -> Intervention:
 def actadd(direction: np.ndarray, layer: int, coeff: float = -1.0) -> Intervention:
     """Activation addition ``coeff * r`` at the input of block ``layer`` (paper's jailbreak: coeff -1)."""
     return Intervention("actadd", additions=(Addition(np.asarray(direction), layer, coeff),))
+
+
+def induce(direction: np.ndarray, layer: int, coeff: float = 1.0) -> Intervention:
+    """Arditi's induced refusal: ``+coeff * r`` at the input of block ``layer`` (used on harmless prompts)."""
+    return Intervention("induce", additions=(Addition(np.asarray(direction), layer, coeff),))
 
 
 def harm_ablation(direction: np.ndarray, layer: int, coeff: float = 1.0) -> Intervention:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,14 @@ from pyrefusal.build import LlamaTranslator
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.directions import Candidates, random_like
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, summarize
+from pyrefusal.evaluation import (
+    Completion,
+    append_jsonl,
+    budget_grid,
+    generate_completions,
+    read_jsonl,
+    summarize,
+)
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import SubstringDetector
 from pyrefusal.rundir import check_config, write_config
@@ -92,7 +99,7 @@ class RunConfig:
         return cls(**d)
 
 
-CONDITIONS = ("baseline", "ablation", "actadd", "harm_ablation", "random_ablation")
+CONDITIONS = ("baseline", "ablation", "actadd", "induce", "harm_ablation", "random_ablation")
 
 
 @dataclass
@@ -123,8 +130,21 @@ class RunPaths:
 
 
 # Settings a finished or interrupted run may be re-run with: they change no stored output. Judging
-# (added later to a run), capability metrics (recomputed each call) and the runtime's resources.
-_RESUMABLE_KEYS = {"judge", "judge_model", "judge_translator", "capability", "n_threads", "n_gpu_layers", "n_ctx"}
+# (added later to a run), capability metrics (recomputed each call), the runtime's resources, and
+# the target languages and conditions: the direction does not depend on them and test rows are drawn
+# the same for every language, so an added language or condition only generates its own completions
+# (results then cover the configured ones).
+_RESUMABLE_KEYS = {
+    "judge",
+    "judge_model",
+    "judge_translator",
+    "capability",
+    "n_threads",
+    "n_gpu_layers",
+    "n_ctx",
+    "target_langs",
+    "conditions",
+}
 
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
@@ -171,6 +191,15 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
     if missing:
         log(f"missing test files (skipped): {missing}; `pyrefusal data build` can translate them")
     return {"train_val": tv, "test": test, "missing": missing}
+
+
+def _configured(
+    completions: list[Completion], test: dict[str, dict[str, list[Prompt]]], conditions: Sequence[str]
+) -> list[Completion]:
+    """The completions of this configuration's test prompts and conditions (a run extended and then
+    narrowed again keeps the others in ``completions.jsonl``)."""
+    wanted = {(p.id, c) for kinds in test.values() for ps in kinds.values() for p in ps for c in conditions}
+    return [c for c in completions if (c.prompt_id, c.condition) in wanted]
 
 
 def _first_token_refusal(
@@ -479,6 +508,7 @@ def _run(
         "baseline": iv.baseline(),
         "ablation": iv.ablation(direction),
         "actadd": iv.actadd(direction, selection.layer, coeff=-1.0),
+        "induce": iv.induce(direction, selection.layer, coeff=1.0),
         "harm_ablation": iv.harm_ablation(direction, selection.layer),
         "random_ablation": iv.Intervention("random_ablation", ablate=random_like(direction, seed=config.seed)),
     }
@@ -531,14 +561,14 @@ def _run(
     if config.judge != "none":
         t = time.perf_counter()
         judged = _judge(
-            config, paths, rt, [c for c in read_jsonl(paths.completions) if c.condition in config.conditions], test, log
+            config, paths, rt, _configured(read_jsonl(paths.completions), test, config.conditions), test, log
         )
         timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
     # -- stage 5: results ------------------------------------------------------------------
-    completions = [c for c in read_jsonl(paths.completions) if c.condition in config.conditions]
-    summary = summarize(completions)
+    completions = _configured(read_jsonl(paths.completions), test, config.conditions)
+    summary = summarize(completions, budget_grid(config.max_new_tokens))
     evaluation: dict[str, Any] = {}
     for lang, conds in summary.items():
         evaluation[lang] = {}
@@ -549,6 +579,7 @@ def _run(
                 "refusal_rate": harmful["refusal_rate"],
                 "detector": harmful["detector"],
                 "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
+                "refusal_by_budget": harmful.get("refusal_by_budget"),
                 "harmless": kinds.get("harmless"),
                 "first_token_refusal_prob": first_token.get(lang, {}).get(cond),
             }

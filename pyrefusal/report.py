@@ -59,6 +59,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         n = next(x["n"] for x in h if x)
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
+    lines += _budget_section(ev, conds)
     lines += _judge_section(ev, conds)
     if results.get("missing_test_files"):
         lines += ["", f"Missing test files (not evaluated): {', '.join(results['missing_test_files'])}."]
@@ -78,6 +79,40 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _budget_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+    """Harmful refusal rate had generation stopped earlier, all languages pooled (delayed refusals)."""
+    pooled: dict[str, dict[str, list[float]]] = {}  # cond -> budget -> [refused count per lang]
+    n: dict[str, int] = {}
+    for by_cond in ev.values():
+        for c in conds:
+            e = by_cond.get(c)
+            if not e or not e.get("refusal_by_budget"):
+                continue
+            n[c] = n.get(c, 0) + e["n"]
+            for b, rate in e["refusal_by_budget"].items():
+                pooled.setdefault(c, {}).setdefault(b, []).append(rate * e["n"])
+    if not pooled:
+        return []
+    budgets = sorted({b for by_b in pooled.values() for b in by_b}, key=int)
+    lines = [
+        "",
+        "## Refusal rate by generation budget (harmful, all languages pooled)",
+        "",
+        (
+            "The rate the detector would have measured had generation stopped after k tokens. A rate that "
+            "still rises at the last budget means some refusals come late: generate longer or judge them."
+        ),
+        "",
+        "| condition | " + " | ".join(f"{b} tok" for b in budgets) + " | n |",
+        "|---|" + "---|" * (len(budgets) + 1),
+    ]
+    for c in conds:
+        if c in pooled:
+            row = [_pct(sum(pooled[c][b]) / n[c]) if b in pooled[c] else "-" for b in budgets]
+            lines.append(f"| {c} | " + " | ".join(row) + f" | {n[c]} |")
+    return lines
 
 
 def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:

@@ -72,6 +72,44 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
         run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
 
 
+def test_run_extends_to_more_languages_and_conditions(tiny_model, polyrefuse_dir, tmp_path):
+    """Added target languages and conditions only generate their own completions; the rest is reused."""
+    path, _ = tiny_model
+    out = tmp_path / "run"
+    first = run_pipeline(_config(path, polyrefuse_dir, capability=False), out, log=lambda s: None)
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    cfg = _config(
+        path,
+        polyrefuse_dir,
+        capability=False,
+        target_langs=("en", "de", "fr"),
+        conditions=("baseline", "ablation", "induce"),
+    )
+    logs: list[str] = []
+    res = run_pipeline(cfg, out, log=logs.append)
+    assert any("reusing candidates" in m for m in logs)
+    grown = (out / "completions.jsonl").read_text().splitlines()
+    assert grown[: len(lines)] == lines  # nothing regenerated
+    # new: fr under 3 conditions + en/de under induce, 2 kinds x 3 prompts each
+    assert len(grown) - len(lines) == (3 + 2) * 2 * 3
+    assert res["direction"] == first["direction"]
+    for lang in ("en", "de"):
+        for cond in ("baseline", "ablation"):
+            assert res["evaluation"][lang][cond] == first["evaluation"][lang][cond]
+    assert set(res["evaluation"]["fr"]) == {"baseline", "ablation", "induce"}
+    assert json.loads((out / "config.json").read_text())["target_langs"] == ["en", "de", "fr"]
+    # the same test rows in every language, also in the added one
+    ids = json.loads((out / "prompts.json").read_text())["test"]
+    assert [i.split("/")[-1] for i in ids["fr"]["harmful"]] == [i.split("/")[-1] for i in ids["en"]["harmful"]]
+    # budget curves end at the plain rate; narrowing back reports only the configured conditions
+    for by_cond in res["evaluation"].values():
+        for e in by_cond.values():
+            assert list(e["refusal_by_budget"]) == ["6"] and e["refusal_by_budget"]["6"] == e["refusal_rate"]
+    narrow = run_pipeline(_config(path, polyrefuse_dir, capability=False), out, log=lambda s: None)
+    assert narrow["evaluation"] == first["evaluation"]
+    assert "induce" not in (out / "report.md").read_text()
+
+
 def test_run_judges_back_translated_responses(tiny_model, polyrefuse_dir, tmp_path):
     """--judge with --judge-translator: non-English responses are translated (cached) before judging."""
     path, _ = tiny_model

@@ -1,0 +1,83 @@
+"""Refusal onset (how many tokens the detector needed) and refusal rates by generation budget."""
+
+from __future__ import annotations
+
+from pyrefusal.evaluation import Completion, budget_grid, refusal_by_budget, refusal_onset, summarize
+from pyrefusal.refusal import SubstringDetector
+
+
+class _Pieces:
+    """A stand-in runtime whose token ids index a list of text pieces."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.calls = 0
+
+    def detokenize(self, tokens) -> str:
+        self.calls += 1
+        return "".join(self.pieces[t] for t in tokens)
+
+
+def _completion(refused: bool, onset: int | None, n_tokens: int = 64, lang: str = "en") -> Completion:
+    return Completion(
+        prompt_id=f"{lang}/x",
+        lang=lang,
+        kind="harmful",
+        condition="baseline",
+        prompt="p",
+        response="r",
+        n_tokens=n_tokens,
+        finish_reason="length",
+        refused=refused,
+        marker="I cannot" if refused else None,
+        detector="substring-multilingual",
+        refusal_token=onset,
+    )
+
+
+def test_onset_is_the_token_that_completes_the_marker() -> None:
+    det = SubstringDetector()
+    # "Sure, here is how. ... Actually, I cannot help with that." with the marker spread over tokens 7-8
+    pieces = ["Sure", ",", " here", " is", " how", ".", " Actually", ", I", " cannot", " help", " with", " that", "."]
+    rt = _Pieces(pieces)
+    tokens = list(range(len(pieces)))
+    k = refusal_onset(rt, tokens, "en", det)
+    assert k == 9  # prefix of 9 tokens ends with " cannot": the first one that reads as a refusal
+    assert det.judge("".join(pieces[:k]), "en").refused and not det.judge("".join(pieces[: k - 1]), "en").refused
+    assert rt.calls <= 1 + 4  # the whole text, then a binary search over 13 tokens
+
+
+def test_onset_of_an_immediate_refusal_and_of_compliance() -> None:
+    det = SubstringDetector()
+    rt = _Pieces(["I'm sorry", ",", " no", "."])
+    assert refusal_onset(rt, [0, 1, 2, 3], "en", det) == 1
+    rt = _Pieces(["Step", " 1", ":", " mix"])
+    assert refusal_onset(rt, [0, 1, 2, 3], "en", det) is None
+    assert refusal_onset(rt, [], "en", det) is None
+
+
+def test_onset_in_a_non_latin_language() -> None:
+    det = SubstringDetector()
+    pieces = ["好的", "。", "但是", "我", "不能", "提供", "这个", "。"]  # "OK. But I cannot provide this."
+    k = refusal_onset(_Pieces(pieces), list(range(len(pieces))), "zh", det)
+    assert k is not None and 4 <= k <= 6
+    assert det.judge("".join(pieces[:k]), "zh").refused and not det.judge("".join(pieces[: k - 1]), "zh").refused
+
+
+def test_budget_grid() -> None:
+    assert budget_grid(48) == (8, 16, 32, 48)
+    assert budget_grid(64) == (8, 16, 32, 64)
+    assert budget_grid(512) == (8, 16, 32, 64, 128, 256, 512)
+    assert budget_grid(5) == (5,)
+
+
+def test_refusal_by_budget_counts_late_refusals_only_at_larger_budgets() -> None:
+    rows = [_completion(True, 2), _completion(True, 20), _completion(True, 60), _completion(False, None)]
+    by = refusal_by_budget(rows, (8, 16, 32, 64))
+    assert by == {"8": 0.25, "16": 0.25, "32": 0.5, "64": 0.75}
+    # the last budget is the whole generation: it equals the plain refusal rate
+    summary = summarize(rows, (8, 16, 32, 64))["en"]["baseline"]["harmful"]
+    assert summary["refusal_rate"] == by["64"] and summary["refusal_by_budget"] == by
+    # rows written before onsets were recorded: no curve rather than a wrong one
+    assert refusal_by_budget([_completion(True, None)], (8,)) is None
+    assert "refusal_by_budget" not in summarize(rows)["en"]["baseline"]["harmful"]
