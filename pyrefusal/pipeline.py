@@ -585,6 +585,7 @@ def _run(
             }
             if judged.get(lang, {}).get(cond):
                 evaluation[lang][cond]["judge"] = judged[lang][cond]
+    evaluation = {lang: evaluation[lang] for lang in config.target_langs if lang in evaluation}  # config order
     info = rt.info().to_dict()
     results: dict[str, Any] = {
         "model": info,
@@ -613,10 +614,13 @@ def _run(
         "versions": {k: v for k, v in build_info().items() if k != "system_info"},
         "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},
     }
-    from pyrefusal.plots import plot_selection_heatmaps
+    from pyrefusal.plots import plot_run_refusal, plot_selection_heatmaps
 
     heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{rt.name}: candidates")
     results["direction"]["heatmap"] = heatmap.name
+    if evaluation:
+        figure = plot_run_refusal(evaluation, config.conditions, paths.root / "refusal.png", title=rt.name)
+        results["figure"] = figure.name
     paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     from pyrefusal.report import write_report
 

@@ -31,6 +31,7 @@ __all__ = [
     "plot_cosine_matrix",
     "plot_pca",
     "plot_projections",
+    "plot_run_refusal",
     "plot_selection_heatmaps",
     "plot_transfer_matrix",
     "selection_grids",
@@ -119,8 +120,9 @@ def _annotated_heatmap(
     xlabel: str,
     ylabel: str,
     title: str,
+    ax: Any = None,
 ) -> None:
-    ax = fig.subplots()
+    ax = fig.subplots() if ax is None else ax
     im = ax.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), list(cols))
     ax.set_yticks(range(len(rows)), list(rows))
@@ -166,6 +168,45 @@ def plot_transfer_matrix(result: Any, path: Path) -> Path:
         ylabel="direction ablated (source)",
         title=f"refusal rate % ({d['condition']}, {d['detector']})",
     )
+    return _save(fig, path)
+
+
+def plot_run_refusal(evaluation: Mapping[str, Any], conditions: Sequence[str], path: Path, *, title: str) -> Path:
+    """Refusal rates of a run: harmful prompts (top) and harmless prompts (bottom), condition x language.
+
+    Args:
+        evaluation: ``results.json["evaluation"]`` (``{lang: {condition: {refusal_rate, harmless: {...}}}}``).
+        conditions: the rows, in order.
+        path: PNG to write.
+        title: figure title (e.g. the model name).
+    """
+    langs = list(evaluation)
+
+    def rate(lang: str, cond: str, harmless: bool) -> float:
+        e = evaluation[lang].get(cond) or {}
+        if harmless:
+            e = e.get("harmless") or {}
+        return _value(e.get("refusal_rate")) * 100
+
+    fig = Figure(figsize=(1.5 + 0.6 * len(langs), 1.6 + 0.9 * len(conditions)))
+    axes = fig.subplots(2, 1)
+    for ax, harmless in zip(axes, (False, True), strict=True):
+        m = np.array([[rate(lang, c, harmless) for lang in langs] for c in conditions])  # (n_cond, n_lang)
+        _annotated_heatmap(
+            fig,
+            m,
+            list(conditions),
+            langs,
+            fmt=".0f",
+            vmin=0,
+            vmax=100,
+            cmap="Reds",
+            xlabel="prompt language" if harmless else "",
+            ylabel="",
+            title=f"{title}: refusal % on {'harmless' if harmless else 'harmful'} prompts",
+            ax=ax,
+        )
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -37,6 +37,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
         f"- refusal tokens: {', '.join(repr(v) for v in d['refusal_tokens'].values())}",
         "",
         *([f"![candidate scores (position x layer)]({d['heatmap']})", ""] if d.get("heatmap") else []),
+        *([f"![refusal rates (condition x language)]({results['figure']})", ""] if results.get("figure") else []),
         "## Refusal rate on harmful test prompts",
         "",
         "| lang | " + " | ".join(conds) + " | n | detector |",

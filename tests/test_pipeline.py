@@ -42,8 +42,10 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
         "completions.jsonl",
         "report.md",
         "selection.json",
+        "refusal.png",
     ):
         assert (out / name).exists(), name
+    assert res["figure"] == "refusal.png" and "](refusal.png)" in (out / "report.md").read_text()
     cands = np.load(out / "candidates.npy")
     assert cands.shape == (5, 3, 64) and cands.dtype == np.float32  # 5 eoi positions, 3 layers, n_embd 64
     d = res["direction"]

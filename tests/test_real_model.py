@@ -6,6 +6,8 @@ takes a few minutes on 2 CPU cores. Marked ``slow``; CI runs it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pyrefusal.backend import Runtime
@@ -56,6 +58,19 @@ def test_english_direction_switches_refusal_off_and_random_does_not(default_mode
     assert rnd >= base - 0.15  # a random direction of the same norm does not
     assert res["direction"]["refusal_score"] < res["direction"]["baseline_refusal_score"]
     assert res["direction"]["kl"] <= 0.2
+    # refusal onsets: the curve over budgets ends at the plain rate and never falls
+    by = en["baseline"]["refusal_by_budget"]
+    assert list(by) == ["8", "16", "24"] and by["24"] == base and by["8"] <= by["16"] <= by["24"]
+    # adding the direction (Arditi's induced refusal) to the finished run: only the new condition is
+    # generated, and the model now refuses harmless requests it answered before
+    n_done = len((tmp_path / "run" / "completions.jsonl").read_text().splitlines())
+    config = replace(config, conditions=(*config.conditions, "induce"))
+    res = run_pipeline(config, tmp_path / "run", log=print)
+    n_now = len((tmp_path / "run" / "completions.jsonl").read_text().splitlines())
+    assert n_now == n_done + 2 * 24  # induce on 24 harmful + 24 harmless prompts
+    harmless = {c: res["evaluation"]["en"][c]["harmless"]["refusal_rate"] for c in ("baseline", "induce")}
+    print(f"en harmless refusal: baseline {harmless['baseline']:.2f}, induce {harmless['induce']:.2f}")
+    assert harmless["induce"] >= harmless["baseline"] + 0.5
 
 
 def test_batched_greedy_matches_sequential_on_the_quantized_model(default_model, polyrefuse_dir):
