@@ -130,6 +130,14 @@ def doctor() -> None:
     show_default=True,
     help="Selection: also require steering score >= 0 (Arditi et al.).",
 )
+@click.option(
+    "--direction-projection",
+    type=click.Choice(["none", "harmless"]),
+    default="none",
+    show_default=True,
+    help="harmless = make every candidate orthogonal to the harmless mean before selection (the "
+    "'projected' abliteration of heretic and jim-plus); none = the paper's plain difference in means.",
+)
 @click.option("--all-scores", is_flag=True, help="Score KL for every candidate (heatmaps), not only down to the pick.")
 @click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
 @click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")

@@ -38,6 +38,26 @@ class Candidates:
         """The raw candidate at eoi ``position`` (e.g. -1) and block input ``layer``, float64 ``(n_embd,)``."""
         return self.vectors[self.positions.index(position), layer]
 
+    def project_out_harmless(self) -> Candidates:
+        """Candidates with their component along the harmless mean removed: ``r - (r.ĥ)ĥ`` per (position, layer).
+
+        The "projected" variant of heretic (``orthogonalize_direction``) and jim-plus's abliteration: the
+        harmless mean is what every prompt has in common at that point, so the projected direction only
+        keeps what separates harmful from harmless prompts beyond a change of that common component's
+        size. The means are kept as they were (the raw difference is ``harmful_mean - harmless_mean``).
+        """
+        norm = np.linalg.norm(self.harmless_mean, axis=-1, keepdims=True)  # (n_positions, n_layers, 1)
+        h = np.divide(self.harmless_mean, norm, out=np.zeros_like(self.harmless_mean), where=norm > 0)
+        along = np.sum(self.vectors * h, axis=-1, keepdims=True)  # (n_positions, n_layers, 1)
+        return Candidates(
+            self.vectors - along * h,
+            self.positions,
+            self.harmful_mean,
+            self.harmless_mean,
+            self.n_harmful,
+            self.n_harmless,
+        )
+
     def save(self, path: Path) -> None:
         np.savez(
             path,

@@ -24,7 +24,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class RunConfig:
     judge_translator: str | None = None  # back-translates non-English responses for the judge; "self" = the model
     capability: bool = True
     capability_texts: int = 8
+    direction_projection: str = "none"  # "none", or "harmless": candidates made orthogonal to the harmless mean
     steering: str = "auto"  # "auto" (in-graph on GPU, hook on CPU), "hook", "graph"
     n_ctx: int = 8192
     n_seq_max: int = 16
@@ -149,7 +150,8 @@ _RESUMABLE_KEYS = {
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
     """Refuse a directory that holds a run of another configuration; with ``force`` clear it."""
-    check_config(paths.root, config.to_dict(), what="run", force=force, resumable=_RESUMABLE_KEYS)
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+    check_config(paths.root, config.to_dict(), what="run", force=force, resumable=_RESUMABLE_KEYS, defaults=defaults)
     if force:
         for p in (
             paths.prompts,
@@ -379,6 +381,10 @@ def run_pipeline(
     bad = [c for c in config.conditions if c not in CONDITIONS]
     if bad:
         raise PyrefusalError(f"unknown condition(s) {bad}; choose from {list(CONDITIONS)}")
+    if config.direction_projection not in ("none", "harmless"):
+        raise PyrefusalError(
+            f"unknown direction_projection {config.direction_projection!r}; choose 'none' or 'harmless'"
+        )
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     paths = RunPaths(Path(out))
@@ -454,6 +460,8 @@ def _run(
         )
         timings["capture_train"] = time.perf_counter() - t
         cands, harm_keep, less_keep = train.candidates, train.harmful_kept, train.harmless_kept
+        if config.direction_projection == "harmless":
+            cands = cands.project_out_harmless()
         # (n_positions, n_layers, n_embd) float32 for users; the .npz keeps float64 and the means
         np.save(paths.candidates, cands.vectors.astype(np.float32))
         cands.save(paths.candidates_full)

@@ -21,7 +21,13 @@ from pyrefusal.errors import PyrefusalError
 
 
 def check_config(
-    out: Path, config: Mapping[str, Any], *, what: str, force: bool, resumable: Collection[str] = ()
+    out: Path,
+    config: Mapping[str, Any],
+    *,
+    what: str,
+    force: bool,
+    resumable: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Refuse to resume ``out`` under different settings; return ``config`` as JSON values.
 
@@ -31,6 +37,8 @@ def check_config(
         what: name of the job for the message ("transfer run", "sweep").
         force: skip the comparison (the caller clears its outputs).
         resumable: keys that may change between calls (runtime settings, added targets).
+        defaults: values of settings added after a saved config was written (a key missing from the
+            saved config is taken to have had its default, so older runs still resume).
 
     Raises:
         PyrefusalError: a setting outside ``resumable`` differs from the saved one.
@@ -39,7 +47,12 @@ def check_config(
     path = out / "config.json"
     if path.exists() and not force:
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in new.items() if k not in resumable and old.get(k) != v}
+        known = json.loads(json.dumps(dict(defaults or {})))
+        diff = {
+            k: (old.get(k, known.get(k)), v)
+            for k, v in new.items()
+            if k not in resumable and old.get(k, known.get(k)) != v
+        }
         if diff:
             raise PyrefusalError(
                 f"{out} holds a {what} with other settings {diff} (old, new). Use another output directory, "

@@ -45,3 +45,25 @@ def test_cosine_and_random_control():
     r = random_like(v, seed=1)
     assert np.isclose(np.linalg.norm(r), np.linalg.norm(v))
     assert abs(unit(r) @ unit(v)) < 0.9
+
+
+def test_projecting_out_the_harmless_mean():
+    """A difference that is partly a rescaling of the common (harmless) mean loses exactly that part."""
+    rng = np.random.default_rng(1)
+    d = 16
+    common = 5.0 * rng.standard_normal(d)  # what every prompt shares
+    planted = rng.standard_normal(d)
+    planted -= (planted @ unit(common)) * unit(common)  # orthogonal to the common part
+    harmless = common + 0.1 * rng.standard_normal((400, 1, 2, d))
+    harmful = 1.3 * common + planted + 0.1 * rng.standard_normal((400, 1, 2, d))  # scaled common + planted
+    c = mean_difference(harmful, harmless, (-1,))
+    p = c.project_out_harmless()
+    for layer in range(2):
+        raw, proj = c.get(-1, layer), p.get(-1, layer)
+        h = unit(c.harmless_mean[0, layer])
+        assert abs(raw @ h) > 1.0  # the raw difference has a large harmless-mean component
+        assert abs(proj @ h) < 1e-9  # gone after projection
+        np.testing.assert_allclose(proj, raw - (raw @ h) * h)
+        assert float(unit(proj) @ unit(planted)) > 0.99  # what is left is the planted direction
+    np.testing.assert_array_equal(p.harmless_mean, c.harmless_mean)
+    assert (p.n_harmful, p.n_harmless, p.positions) == (c.n_harmful, c.n_harmless, c.positions)

@@ -112,6 +112,34 @@ def test_run_extends_to_more_languages_and_conditions(tiny_model, polyrefuse_dir
     assert "induce" not in (out / "report.md").read_text()
 
 
+def test_projected_direction_is_orthogonal_to_the_harmless_mean(tiny_model, polyrefuse_dir, tmp_path):
+    path, _ = tiny_model
+    out = tmp_path / "projected"
+    kw = {"conditions": ("baseline", "ablation"), "capability": False, "target_langs": ("en",)}
+    res = run_pipeline(_config(path, polyrefuse_dir, direction_projection="harmless", **kw), out, log=lambda s: None)
+    z = np.load(out / "candidates.npz")
+    i, layer = list(z["positions"]).index(res["direction"]["position"]), res["direction"]["layer"]
+    h = z["harmless_mean"][i, layer]
+    r = np.load(out / "direction.npy").astype(np.float64)
+    assert abs(r @ h) / (np.linalg.norm(r) * np.linalg.norm(h)) < 1e-5
+    raw = z["harmful_mean"][i, layer] - h
+    assert abs(raw @ h) / (np.linalg.norm(raw) * np.linalg.norm(h)) > 1e-3  # the plain one is not
+    with pytest.raises(PyrefusalError, match="direction_projection"):
+        run_pipeline(_config(path, polyrefuse_dir, direction_projection="mean", **kw), tmp_path / "x", log=print)
+    # a run directory written before this setting existed resumes as "none"
+    cfg = _config(path, polyrefuse_dir, **kw)
+    old = tmp_path / "old"
+    run_pipeline(cfg, old, log=lambda s: None)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["direction_projection"]
+    (old / "config.json").write_text(json.dumps(saved))
+    logs: list[str] = []
+    run_pipeline(cfg, old, log=logs.append)
+    assert any("reusing selection" in m for m in logs)
+    with pytest.raises(PyrefusalError, match="direction_projection"):
+        run_pipeline(_config(path, polyrefuse_dir, direction_projection="harmless", **kw), old, log=print)
+
+
 def test_run_judges_back_translated_responses(tiny_model, polyrefuse_dir, tmp_path):
     """--judge with --judge-translator: non-English responses are translated (cached) before judging."""
     path, _ = tiny_model
