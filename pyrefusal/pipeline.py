@@ -117,12 +117,14 @@ class RunPaths:
     completions: Path = field(init=False)
     results: Path = field(init=False)
     report: Path = field(init=False)
+    metrics: Path = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.root
         self.config, self.prompts = r / "config.json", r / "prompts.json"
         self.candidates, self.candidates_full = r / "candidates.npy", r / "candidates.npz"
         self.selection, self.direction = r / "selection.json", r / "direction.npy"
+        self.metrics = r / "metrics.json"
         self.completions, self.results, self.report = (
             r / "completions.jsonl",
             r / "results.json",
@@ -162,6 +164,7 @@ def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
             paths.completions,
             paths.results,
             paths.report,
+            paths.metrics,
         ):
             p.unlink(missing_ok=True)
     write_config(paths.root, config.to_dict())
@@ -210,26 +213,32 @@ def _first_token_refusal(
     interventions: dict[str, iv.Intervention],
     config: RunConfig,
     system: str | None,
-) -> dict[str, dict[str, float]]:
-    """Mean probability of the target language's refusal tokens at the first answer position (no generation)."""
+    out: dict[str, dict[str, float]],
+    save: Callable[[], None],
+) -> None:
+    """Mean probability of the target language's refusal tokens at the first answer position (no generation).
+
+    Fills ``out[lang][condition]`` where missing (values from an earlier call are kept) and calls
+    ``save`` after each language.
+    """
     from pyrefusal.judge import first_token_refusal
     from pyrefusal.selection import REFUSAL_OPENINGS
 
-    out: dict[str, dict[str, float]] = {}
     for lang, kinds in test.items():
         prompts = kinds.get("harmful", [])
-        if not prompts:
+        todo = [c for c in config.conditions if c not in out.get(lang, {})]
+        if not prompts or not todo:
             continue
         openings = REFUSAL_OPENINGS.get(lang) or REFUSAL_OPENINGS["en"]
         ids = refusal_token_ids(lambda w: rt.tokenize(w), lang, openings)
         toks = [rt.chat_tokens(p.text, system) for p in prompts]
-        for cond in config.conditions:
+        for cond in todo:
             iv.arm(rt, interventions[cond])
             try:
                 out.setdefault(lang, {})[cond] = float(first_token_refusal(rt, toks, ids).mean())
             finally:
                 rt.clear_plan()
-    return out
+        save()
 
 
 def _capability(
@@ -239,8 +248,13 @@ def _capability(
     interventions: dict[str, iv.Intervention],
     config: RunConfig,
     fmt: Callable[[list[Prompt]], list[list[int]]],
-) -> dict[str, Any]:
-    """Perplexity on held-out English text and first-token KL on harmless prompts, per intervention."""
+    out: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """Perplexity on held-out English text and first-token KL on harmless prompts, per intervention.
+
+    Fills ``out[condition]`` where missing and calls ``save`` after each condition.
+    """
     from pyrefusal.capability import capability_report
 
     used = {p.id for p in tv["harmless_train"] + tv["harmless_val"]}
@@ -250,12 +264,11 @@ def _capability(
         else []
     )
     if not pool:
-        return {}
+        return
     texts = [p.text for p in pool[: config.capability_texts]]
     kl_prompts = fmt(pool[config.capability_texts : 2 * config.capability_texts])
-    out: dict[str, Any] = {}
     for cond in config.conditions:
-        if cond == "baseline":
+        if cond == "baseline" or cond in out:
             continue
         rep = capability_report(
             rt,
@@ -266,7 +279,7 @@ def _capability(
             text_source="polyrefuse:en/test/harmless (unused by train/val)",
         )
         out[cond] = rep.to_dict()
-    return out
+        save()
 
 
 def _back_translate(
@@ -562,8 +575,15 @@ def _run(
 
     # -- stage 4b: judge-free first-token refusal, capability side effects, optional judge ----
     t = time.perf_counter()
-    first_token = _first_token_refusal(rt, test, interventions, config, system)
-    capability = _capability(rt, data, tv, interventions, config, fmt) if config.capability else {}
+    metrics = json.loads(paths.metrics.read_text()) if paths.metrics.exists() else {}
+    metrics.setdefault("first_token", {})
+    metrics.setdefault("capability", {})
+    save_metrics = lambda: paths.metrics.write_text(json.dumps(metrics, indent=1))  # noqa: E731
+    _first_token_refusal(rt, test, interventions, config, system, metrics["first_token"], save_metrics)
+    if config.capability:
+        _capability(rt, data, tv, interventions, config, fmt, metrics["capability"], save_metrics)
+    first_token = {lang: metrics["first_token"].get(lang, {}) for lang in test}
+    capability = {c: metrics["capability"][c] for c in config.conditions if c in metrics["capability"]}
     timings["metrics"] = time.perf_counter() - t
     judged: dict[str, Any] = {}
     if config.judge != "none":

@@ -134,7 +134,9 @@ def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
     if not bt:
         out += ["", f"Responses were judged as generated ({some.get('note', '')})."]
         return out
-    translator = next(v["back_translation"]["translator"] for by in bt.values() for v in by.values())
+    # English rows pass through ("identity"); name the translator that did the work
+    names = [v["back_translation"]["translator"] for by in bt.values() for v in by.values()]
+    translator = next((t for t in names if t != "identity"), names[0])
     out += [
         "",
         (

@@ -69,6 +69,14 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
     (out / "completions.jsonl").write_text("\n".join(lines[:5]) + "\n")
     run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
     assert len((out / "completions.jsonl").read_text().splitlines()) == len(lines)
+    # first-token and capability metrics are kept in metrics.json and not recomputed on a re-run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["first_token"]) == {"en", "de"} and set(metrics["capability"]) == {"ablation"}
+    metrics["first_token"]["en"]["baseline"] = 0.123
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    again = run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
+    assert again["evaluation"]["en"]["baseline"]["first_token_refusal_prob"] == 0.123
+    assert again["capability"] == res["capability"]
     # another configuration in the same directory is refused, not mixed
     with pytest.raises(PyrefusalError, match="other settings"):
         run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
