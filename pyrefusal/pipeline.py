@@ -91,6 +91,34 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Raise :class:`PyrefusalError` on settings that cannot run, before any work is done."""
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise PyrefusalError(f"unknown condition(s) {bad}; choose from {list(CONDITIONS)}")
+        if not self.conditions or not self.target_langs:
+            raise PyrefusalError("give at least one condition (--conditions) and one test language (--target-langs)")
+        if self.direction_projection not in ("none", "harmless"):
+            raise PyrefusalError(
+                f"unknown direction_projection {self.direction_projection!r}; choose 'none' or 'harmless'"
+            )
+        counts = {
+            "n_train (--n-train)": self.n_train,
+            "n_val (--n-val)": self.n_val,
+            "n_test (--n-test)": self.n_test,
+            "max_new_tokens (--max-new-tokens)": self.max_new_tokens,
+            "n_seq_max (--n-seq)": self.n_seq_max,
+        }
+        if self.capability:
+            counts["capability_texts"] = self.capability_texts
+        small = {k: v for k, v in counts.items() if v < 1}
+        if small:
+            raise PyrefusalError(f"these must be at least 1: {small}")
+        if not 0 < self.prune_fraction <= 1:
+            raise PyrefusalError(f"prune_fraction must be in (0, 1], got {self.prune_fraction} (the paper: 0.8)")
+        if not self.kl_threshold > 0:
+            raise PyrefusalError(f"kl_threshold (--kl-threshold) must be > 0, got {self.kl_threshold} (the paper: 0.2)")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
@@ -391,13 +419,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
 
-    bad = [c for c in config.conditions if c not in CONDITIONS]
-    if bad:
-        raise PyrefusalError(f"unknown condition(s) {bad}; choose from {list(CONDITIONS)}")
-    if config.direction_projection not in ("none", "harmless"):
-        raise PyrefusalError(
-            f"unknown direction_projection {config.direction_projection!r}; choose 'none' or 'harmless'"
-        )
+    config.validate()
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     paths = RunPaths(Path(out))

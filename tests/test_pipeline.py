@@ -201,6 +201,17 @@ def test_run_errors_are_clear(tiny_model, polyrefuse_dir, tmp_path):
         run_pipeline(_config(path, polyrefuse_dir, target_langs=("xx",)), tmp_path / "r2", log=lambda s: None)
     with pytest.raises(PyrefusalError, match="unknown condition"):
         run_pipeline(_config(path, polyrefuse_dir, conditions=("nope",)), tmp_path / "r3", log=lambda s: None)
+    # impossible sizes are refused before any work (no run directory is written)
+    for kw, msg in (
+        ({"n_test": 0}, "n_test"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"conditions": ()}, "at least one condition"),
+        ({"prune_fraction": 0.0}, "prune_fraction"),
+        ({"kl_threshold": -1.0}, "kl_threshold"),
+    ):
+        with pytest.raises(PyrefusalError, match=msg):
+            run_pipeline(_config(path, polyrefuse_dir, **kw), tmp_path / "r4", log=lambda s: None)
+    assert not (tmp_path / "r4").exists()
 
 
 def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
