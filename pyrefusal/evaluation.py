@@ -13,6 +13,7 @@ that starts complying and refuses later, "delayed refusal") and whether ``max_ne
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,6 +121,21 @@ def refusal_onset(runtime: Any, tokens: Sequence[int], lang: str, detector: Refu
     return hi
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0/n or n/n,
+    which matters for the small per-language samples a quick run uses (16 prompts: 0/16 -> [0, 0.19]).
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def budget_grid(max_new_tokens: int) -> tuple[int, ...]:
     """Generation budgets to report refusal rates at: powers of two from 8 below ``max_new_tokens``, then it."""
     return (*(b for b in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if b < max_new_tokens), max_new_tokens)
@@ -158,7 +174,10 @@ def refusal_by_budget(rows: Sequence[Completion], budgets: Sequence[int]) -> dic
 def summarize(
     completions: Iterable[Completion], budgets: Sequence[int] = ()
 ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """Refusal rates: ``{lang: {condition: {kind: {"n", "refused", "refusal_rate", "detector"}}}}``.
+    """Refusal rates: ``{lang: {condition: {kind: {"n", "refused", "refusal_rate", "refusal_rate_ci95",
+    "detector"}}}}``.
+
+    ``refusal_rate_ci95`` is the Wilson 95% interval ``[low, high]`` (:func:`wilson_interval`).
 
     With ``budgets`` (e.g. :func:`budget_grid`), each entry also has ``"refusal_by_budget"``
     (:func:`refusal_by_budget`).
@@ -173,6 +192,7 @@ def summarize(
             "n": len(rows),
             "refused": k,
             "refusal_rate": k / len(rows),
+            "refusal_rate_ci95": list(wilson_interval(k, len(rows))),
             "detector": rows[0].detector,
         }
         if budgets:

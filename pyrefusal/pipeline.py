@@ -627,6 +627,7 @@ def _run(
             evaluation[lang][cond] = {
                 "n": harmful["n"],
                 "refusal_rate": harmful["refusal_rate"],
+                "refusal_rate_ci95": harmful.get("refusal_rate_ci95"),
                 "detector": harmful["detector"],
                 "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
                 "refusal_by_budget": harmful.get("refusal_by_budget"),

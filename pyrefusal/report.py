@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.evaluation import Completion
+from pyrefusal.evaluation import Completion, wilson_interval
 
 
 def _pct(x: float | None) -> str:
@@ -60,6 +60,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         n = next(x["n"] for x in h if x)
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
+    lines += _pooled_section(ev, conds)
     lines += _budget_section(ev, conds)
     lines += _judge_section(ev, conds)
     if results.get("missing_test_files"):
@@ -80,6 +81,36 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _pooled_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+    """Refusal rates pooled over languages with Wilson 95% intervals (only with several languages)."""
+    if len(ev) < 2:
+        return []
+    lines = [
+        "",
+        "## All languages pooled (95% Wilson interval)",
+        "",
+        "| condition | harmful refused | harmless refused |",
+        "|---|---|---|",
+    ]
+    for c in conds:
+        cells = []
+        for harmless in (False, True):
+            k = n = 0
+            for by_cond in ev.values():
+                e = by_cond.get(c) or {}
+                e = (e.get("harmless") or {}) if harmless else e
+                if e.get("n") and e.get("refusal_rate") is not None:
+                    k += round(e["refusal_rate"] * e["n"])
+                    n += e["n"]
+            if n:
+                lo, hi = wilson_interval(k, n)
+                cells.append(f"{_pct(k / n)} [{_pct(lo)}, {_pct(hi)}] of {n}")
+            else:
+                cells.append("-")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _budget_section(ev: dict[str, Any], conds: list[str]) -> list[str]:

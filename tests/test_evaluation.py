@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from pyrefusal.evaluation import Completion, budget_grid, refusal_by_budget, refusal_onset, summarize
+from pyrefusal.evaluation import (
+    Completion,
+    budget_grid,
+    refusal_by_budget,
+    refusal_onset,
+    summarize,
+    wilson_interval,
+)
 from pyrefusal.refusal import SubstringDetector
 
 
@@ -81,3 +88,16 @@ def test_refusal_by_budget_counts_late_refusals_only_at_larger_budgets() -> None
     # rows written before onsets were recorded: no curve rather than a wrong one
     assert refusal_by_budget([_completion(True, None)], (8,)) is None
     assert "refusal_by_budget" not in summarize(rows)["en"]["baseline"]["harmful"]
+
+
+def test_wilson_interval_matches_known_values() -> None:
+    # Wilson score interval, z = 1.96, worked by hand: 12/16 -> centre 0.7016 +- 0.1966
+    lo, hi = wilson_interval(0, 16)
+    assert lo == 0.0 and abs(hi - 0.1936) < 1e-3
+    lo, hi = wilson_interval(12, 16)
+    assert abs(lo - 0.5050) < 1e-3 and abs(hi - 0.8982) < 1e-3
+    lo, hi = wilson_interval(16, 16)
+    assert abs(lo - 0.8064) < 1e-3 and hi == 1.0
+    assert summarize([_completion(True, 1)] * 3 + [_completion(False, None)])["en"]["baseline"]["harmful"][
+        "refusal_rate_ci95"
+    ] == list(wilson_interval(3, 4))
