@@ -53,7 +53,7 @@ from pyrefusal import intervention as iv
 from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.directions import Candidates, random_like, unit
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl
+from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import check_config, write_config
@@ -966,7 +966,21 @@ def write_transfer_report(result: Mapping[str, Any], out_dir: Path) -> Path:
             + " |"
         )
     n = {t: tr["counts"]["baseline"][t][1] for t in targets}
-    lines += ["", f"n per cell: {', '.join(f'{t} {n[t]}' for t in targets)}.", ""]
+    lines += ["", f"n per cell: {', '.join(f'{t} {n[t]}' for t in targets)}. 95% Wilson intervals:", ""]
+    lines += ["| row \\ target | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for row, label in [("baseline", "baseline"), *((s, f"r_{s}") for s in sources), (CONTROL_ROW, "random")]:
+        counts = tr["counts"].get(row)
+        if not counts:
+            continue
+        cells = []
+        for t in targets:
+            if t in counts and counts[t][1]:
+                lo, hi = wilson_interval(*counts[t])
+                cells.append(f"[{_pct(lo)}, {_pct(hi)}]")
+            else:
+                cells.append("-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     if "transfer" in figs:
         lines += [f"![transfer matrix]({figs['transfer']})", ""]
 

@@ -36,7 +36,7 @@ from pyrefusal.crosslingual import (
 from pyrefusal.dataset import PolyRefuse, Prompt
 from pyrefusal.directions import Candidates
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.evaluation import read_jsonl
+from pyrefusal.evaluation import read_jsonl, wilson_interval
 from pyrefusal.refusal import SubstringDetector
 from pyrefusal.selection import CandidateScore, Selection, SelectionRule
 
@@ -297,6 +297,10 @@ def test_run_transfer_outputs(tiny_run):
     report = (out / "report.md").read_text()
     assert "| r_de |" in report and "substring-multilingual" in report
     assert f"| random direction (control, norm of r_{tr['sources'][0]}) |" in report
+    k, n = tr["counts"]["baseline"]["de"]
+    lo, hi = wilson_interval(k, n)
+    row = next(x for x in report.splitlines() if x.startswith("| baseline |"))
+    assert f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" in row  # the interval of each cell
     for fig in res["figures"].values():
         assert f"]({fig})" in report and (out / fig).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((out / "transfer.json").read_text())["transfer"] == tr
