@@ -161,7 +161,7 @@ class RunPaths:
 
 
 # Settings a finished or interrupted run may be re-run with: they change no stored output. Judging
-# (added later to a run), capability metrics (recomputed each call), the runtime's resources, and
+# (added later to a run), capability metrics (cached per condition in metrics.json), the runtime's resources, and
 # the target languages and conditions: the direction does not depend on them and test rows are drawn
 # the same for every language, so an added language or condition only generates its own completions
 # (results then cover the configured ones).
