@@ -60,6 +60,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         n = next(x["n"] for x in h if x)
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
+    lines += _capability_section(results.get("capability") or {}, conds)
     lines += _pooled_section(ev, conds)
     lines += _budget_section(ev, conds)
     lines += _judge_section(ev, conds)
@@ -81,6 +82,32 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _capability_section(cap: dict[str, Any], conds: list[str]) -> list[str]:
+    """Perplexity ratio and first-token KL per condition (how much the intervention costs)."""
+    rows = [(c, cap[c]) for c in conds if c in cap]
+    if not rows:
+        return []
+    some = rows[0][1]
+    lines = [
+        "",
+        "## Side effects on harmless text",
+        "",
+        (
+            f"Perplexity on {some['n_texts']} held-out texts ({some['n_tokens']} tokens; {some['text_source']}) and "
+            f"first-token KL(baseline ‖ intervention) on {some['n_kl_prompts']} harmless prompts. "
+            "Heretic's rule of thumb: a KL above 0.5 usually means significant damage."
+        ),
+        "",
+        "| condition | perplexity | ratio to baseline | first-token KL |",
+        "|---|---|---|---|",
+        f"| baseline | {some['baseline_ppl']:.2f} | 1 | 0 |",
+    ]
+    for c, r in rows:
+        flag = " (above 0.5)" if r["first_token_kl"] > 0.5 else ""
+        lines.append(f"| {c} | {r['intervention_ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['first_token_kl']:.4f}{flag} |")
+    return lines
 
 
 def _pooled_section(ev: dict[str, Any], conds: list[str]) -> list[str]:

@@ -45,7 +45,11 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
         "refusal.png",
     ):
         assert (out / name).exists(), name
-    assert res["figure"] == "refusal.png" and "](refusal.png)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert res["figure"] == "refusal.png" and "](refusal.png)" in report
+    ppl = res["capability"]["ablation"]["intervention_ppl"]
+    assert "## Side effects on harmless text" in report and f"| ablation | {ppl:.2f} |" in report
+    assert "## All languages pooled (95% Wilson interval)" in report
     cands = np.load(out / "candidates.npy")
     assert cands.shape == (5, 3, 64) and cands.dtype == np.float32  # 5 eoi positions, 3 layers, n_embd 64
     d = res["direction"]
