@@ -218,6 +218,15 @@ def test_plots_write_png_files(tmp_path):
         plots.plot_cosine_by_layer(["a", "b", "c"], cos, tmp_path / "cbl.png", position=-1),
         plots.plot_pca(pca, tmp_path / "pca.png"),
         plots.plot_projections(proj, tmp_path / "proj.png"),
+        plots.plot_run_refusal(
+            {
+                "en": {"baseline": {"refusal_rate": 0.5, "harmless": {"refusal_rate": 0.0}}},
+                "zh": {"baseline": {"refusal_rate": 0.25, "harmless": None}},  # no harmless file
+            },
+            ["baseline", "ablation"],  # a condition without numbers stays blank
+            tmp_path / "run.png",
+            title="tiny",
+        ),
     ]
     for p in paths:
         assert p.read_bytes()[:8] == PNG_MAGIC, p
