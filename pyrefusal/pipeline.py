@@ -595,6 +595,8 @@ def _run(
             )
     timings["generation"] = time.perf_counter() - t
 
+    completions = _configured(read_jsonl(paths.completions), test, config.conditions)
+
     # -- stage 4b: judge-free first-token refusal, capability side effects, optional judge ----
     t = time.perf_counter()
     metrics = json.loads(paths.metrics.read_text()) if paths.metrics.exists() else {}
@@ -610,14 +612,11 @@ def _run(
     judged: dict[str, Any] = {}
     if config.judge != "none":
         t = time.perf_counter()
-        judged = _judge(
-            config, paths, rt, _configured(read_jsonl(paths.completions), test, config.conditions), test, log
-        )
+        judged = _judge(config, paths, rt, completions, test, log)
         timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
     # -- stage 5: results ------------------------------------------------------------------
-    completions = _configured(read_jsonl(paths.completions), test, config.conditions)
     summary = summarize(completions, budget_grid(config.max_new_tokens))
     evaluation: dict[str, Any] = {}
     for lang, conds in summary.items():
