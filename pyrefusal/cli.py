@@ -228,6 +228,26 @@ def run(ctx: click.Context, **kw: Any) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="Do not print report.md.")
+def report(run_dir: Path, quiet: bool) -> None:
+    """Rewrite a finished run's results.json, report.md and figures from its files (no model needed).
+
+    Rates, intervals and repetition loops are recomputed from completions.jsonl with this version of
+    pyrefusal; first-token, capability and judge numbers are kept as stored.
+    """
+    from pyrefusal.pipeline import rerender
+
+    try:
+        rerender(run_dir, log=lambda s: click.echo(s, err=True))
+    except PyrefusalError as e:
+        _fail(e)
+        return
+    if not quiet:
+        click.echo((run_dir / "report.md").read_text(encoding="utf-8"))
+
+
+@main.command()
 @click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
 @click.option("--sources", default="en,de,zh,ja", show_default=True, help="Languages whose directions are extracted.")

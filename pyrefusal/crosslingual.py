@@ -56,7 +56,7 @@ from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
-from pyrefusal.rundir import check_config, write_config
+from pyrefusal.rundir import check_config, previous_timings, write_config
 from pyrefusal.selection import (
     REFUSAL_OPENINGS,
     Selection,
@@ -1300,22 +1300,11 @@ def run_transfer(
     timings["total"] = time.perf_counter() - t_all
     result["timings"] = {**timings, **runtime_timings}
     # a resumed run keeps the timings of the invocations that did the earlier work
-    result["timings_previous"] = _previous_timings(out / "transfer.json")
+    result["timings_previous"] = previous_timings(out / "transfer.json")
     (out / "transfer.json").write_text(json.dumps(_jsonable(result), indent=1, ensure_ascii=False), encoding="utf-8")
     report = write_transfer_report(_jsonable(result), out)
     log(f"wrote {out / 'transfer.json'} and {report}")
     return _jsonable(result)
-
-
-def _previous_timings(path: Path) -> list[dict[str, Any]]:
-    """Timings of earlier invocations recorded in an existing transfer.json (oldest first)."""
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return []
-    return [*old.get("timings_previous", []), *([old["timings"]] if old.get("timings") else [])]
 
 
 def _geometry(directions: Mapping[str, LanguageDirection]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from pyrefusal.evaluation import (
 )
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import SubstringDetector
-from pyrefusal.rundir import check_config, write_config
+from pyrefusal.rundir import check_config, previous_timings, write_config
 from pyrefusal.selection import Selection, SelectionRule, refusal_token_ids, select_direction
 
 Log = Callable[[str], None]
@@ -409,6 +409,39 @@ def _judge(
     return out
 
 
+def _evaluation_table(
+    completions: Sequence[Completion],
+    max_new_tokens: int,
+    target_langs: Sequence[str],
+    detector_name: str,
+    first_token: Mapping[str, Mapping[str, float]],
+    judged: Mapping[str, Mapping[str, Any]],
+    paths: RunPaths,
+) -> dict[str, Any]:
+    """``results["evaluation"]``: ``{lang: {condition: {harmful rates..., "harmless": {...}, ...}}}`` in
+    ``target_langs`` order, from the completions plus the model-dependent metrics computed beside them."""
+    summary = summarize(completions, budget_grid(max_new_tokens))
+    evaluation: dict[str, Any] = {}
+    for lang, conds in summary.items():
+        evaluation[lang] = {}
+        for cond, kinds in conds.items():
+            harmful = kinds.get("harmful", {"n": 0, "refusal_rate": None, "detector": detector_name})
+            evaluation[lang][cond] = {
+                "n": harmful["n"],
+                "refusal_rate": harmful["refusal_rate"],
+                "refusal_rate_ci95": harmful.get("refusal_rate_ci95"),
+                "degenerate_rate": harmful.get("degenerate_rate"),
+                "detector": harmful["detector"],
+                "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
+                "refusal_by_budget": harmful.get("refusal_by_budget"),
+                "harmless": kinds.get("harmless"),
+                "first_token_refusal_prob": first_token.get(lang, {}).get(cond),
+            }
+            if judged.get(lang, {}).get(cond):
+                evaluation[lang][cond]["judge"] = judged[lang][cond]
+    return {lang: evaluation[lang] for lang in target_langs if lang in evaluation}  # config order
+
+
 def run_pipeline(
     config: RunConfig,
     out: Path,
@@ -617,25 +650,9 @@ def _run(
     timings["total"] = time.perf_counter() - t_all
 
     # -- stage 5: results ------------------------------------------------------------------
-    summary = summarize(completions, budget_grid(config.max_new_tokens))
-    evaluation: dict[str, Any] = {}
-    for lang, conds in summary.items():
-        evaluation[lang] = {}
-        for cond, kinds in conds.items():
-            harmful = kinds.get("harmful", {"n": 0, "refusal_rate": None, "detector": detector.name})
-            evaluation[lang][cond] = {
-                "n": harmful["n"],
-                "refusal_rate": harmful["refusal_rate"],
-                "refusal_rate_ci95": harmful.get("refusal_rate_ci95"),
-                "detector": harmful["detector"],
-                "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
-                "refusal_by_budget": harmful.get("refusal_by_budget"),
-                "harmless": kinds.get("harmless"),
-                "first_token_refusal_prob": first_token.get(lang, {}).get(cond),
-            }
-            if judged.get(lang, {}).get(cond):
-                evaluation[lang][cond]["judge"] = judged[lang][cond]
-    evaluation = {lang: evaluation[lang] for lang in config.target_langs if lang in evaluation}  # config order
+    evaluation = _evaluation_table(
+        completions, config.max_new_tokens, config.target_langs, detector.name, first_token, judged, paths
+    )
     info = rt.info().to_dict()
     results: dict[str, Any] = {
         "model": info,
@@ -663,17 +680,60 @@ def _run(
         "config": config.to_dict(),
         "versions": {k: v for k, v in build_info().items() if k != "system_info"},
         "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},
+        # a resumed run keeps the timings of the invocations that did the earlier stages
+        "timings_previous": previous_timings(paths.results),
     }
-    from pyrefusal.plots import plot_run_refusal, plot_selection_heatmaps
+    _write_outputs(results, selection, completions, paths, log)
+    return results
 
-    heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{rt.name}: candidates")
-    results["direction"]["heatmap"] = heatmap.name
-    if evaluation:
-        figure = plot_run_refusal(evaluation, config.conditions, paths.root / "refusal.png", title=rt.name)
-        results["figure"] = figure.name
-    paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+
+def _write_outputs(
+    results: dict[str, Any], selection: Selection, completions: Sequence[Completion], paths: RunPaths, log: Log
+) -> None:
+    """Figures, ``results.json`` and ``report.md`` of a run."""
+    from pyrefusal.plots import plot_run_refusal, plot_selection_heatmaps
     from pyrefusal.report import write_report
 
+    name = results["model"]["name"]
+    heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{name}: candidates")
+    results["direction"]["heatmap"] = heatmap.name
+    if results["evaluation"]:
+        conds = results["config"]["conditions"]
+        figure = plot_run_refusal(results["evaluation"], conds, paths.root / "refusal.png", title=name)
+        results["figure"] = figure.name
+    paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     write_report(results, completions, paths.report)
     log(f"wrote {paths.results} and {paths.report}")
+
+
+def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
+    """Rewrite a finished run's ``results.json``, ``report.md`` and figures from its stored files.
+
+    The numbers that come from the completions (refusal rates, intervals, by-budget rates, repetition
+    loops) are recomputed with this version of pyrefusal; those that needed the model (first-token
+    refusal probability, capability, judge verdicts, the selection) are kept as stored. No model is
+    loaded, so it takes seconds: use it after upgrading pyrefusal to get the newer report of an older run.
+    """
+    paths = RunPaths(Path(out))
+    if not paths.results.exists() or not paths.selection.exists():
+        raise PyrefusalError(
+            f"{paths.root} holds no finished run (results.json and selection.json are written at the end of "
+            f"`pyrefusal run`); finish it first with `pyrefusal run --out {paths.root}` (an interrupted run resumes)"
+        )
+    results = json.loads(paths.results.read_text())
+    cfg = results["config"]
+    conditions = list(cfg["conditions"])
+    test_ids = (results.get("prompts") or {}).get("test") or {}
+    wanted = {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
+    completions = [c for c in read_jsonl(paths.completions) if (c.prompt_id, c.condition) in wanted]
+    if wanted and not completions:
+        raise PyrefusalError(f"{paths.completions} has none of this run's completions; re-run `pyrefusal run`")
+    old = results.get("evaluation") or {}
+    first_token = {lang: {c: e.get("first_token_refusal_prob") for c, e in by.items()} for lang, by in old.items()}
+    judged = {lang: {c: e["judge"] for c, e in by.items() if e.get("judge")} for lang, by in old.items()}
+    detector = next((e["detector"] for by in old.values() for e in by.values() if e.get("detector")), cfg["detector"])
+    results["evaluation"] = _evaluation_table(
+        completions, int(cfg["max_new_tokens"]), cfg["target_langs"], detector, first_token, judged, paths
+    )
+    _write_outputs(results, Selection.load(paths.selection), completions, paths, log)
     return results

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.evaluation import Completion, wilson_interval
+from pyrefusal.evaluation import DEGENERATE_REPETITION, Completion, is_degenerate, wilson_interval
 
 
 def _pct(x: float | None) -> str:
@@ -62,6 +62,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
     lines += _capability_section(results.get("capability") or {}, conds)
     lines += _pooled_section(ev, conds)
+    lines += _degenerate_section(completions, conds)
     lines += _budget_section(ev, conds)
     lines += _judge_section(ev, conds)
     if results.get("missing_test_files"):
@@ -78,8 +79,12 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             f"{', marker ' + repr(c.marker) if c.marker else ''}): {c.prompt[:90]!r} -> {resp!r}"
         )
     t = results["timings"]
-    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += ["", "## Timings (s, this invocation)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
+    earlier = results.get("timings_previous") or []
+    if earlier:
+        totals = ", ".join(f"{x.get('total', 0.0):.1f}" for x in earlier)
+        lines += ["", f"Earlier invocations of this run directory (resumed since), total seconds: {totals}."]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -137,6 +142,46 @@ def _pooled_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
             else:
                 cells.append("-")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _degenerate_section(completions: Sequence[Completion], conds: list[str]) -> list[str]:
+    """Share of completions that are repetition loops, all languages pooled, with examples."""
+    counts: dict[tuple[str, str], list[int]] = {}  # (condition, kind) -> [loops, n]
+    example: dict[str, Completion] = {}
+    for c in completions:
+        loop = is_degenerate(c.response)
+        k = counts.setdefault((c.condition, c.kind), [0, 0])
+        k[0] += loop
+        k[1] += 1
+        if loop and c.condition not in example:
+            example[c.condition] = c
+    if not counts:
+        return []
+    lines = [
+        "",
+        "## Repetition loops (all languages pooled)",
+        "",
+        (
+            f"Completions whose character 10-grams repeat more than {DEGENERATE_REPETITION:.0%} of the time "
+            "(`evaluation.repetition`): the model loops instead of answering. Substring detectors count most "
+            "loops as compliance, so a condition with many loops overstates compliance (a refusal repeated "
+            "until the budget runs out is counted as a loop too)."
+        ),
+        "",
+        "| condition | harmful | harmless |",
+        "|---|---|---|",
+    ]
+    for cond in conds:
+        cells = []
+        for kind in ("harmful", "harmless"):
+            loops, n = counts.get((cond, kind), (0, 0))
+            cells.append(f"{_pct(loops / n)} ({loops}/{n})" if n else "-")
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    for cond in conds:
+        if cond in example:
+            c = example[cond]
+            lines.append(f"\nExample ({c.lang} / {cond} / {c.kind}): {c.response.replace(chr(10), ' ')[:160]!r}")
     return lines
 
 

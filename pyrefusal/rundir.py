@@ -67,6 +67,21 @@ def write_config(out: Path, config: Mapping[str, Any]) -> None:
     (out / "config.json").write_text(json.dumps(dict(config), indent=1))
 
 
+def previous_timings(path: Path) -> list[dict[str, Any]]:
+    """Timings of the earlier invocations recorded in an existing results file (oldest first).
+
+    A run's results file holds ``timings`` (this invocation) and ``timings_previous`` (the earlier
+    ones); a resumed run appends its predecessor's, so what the earlier stages cost is never lost.
+    """
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [*old.get("timings_previous", []), *([old["timings"]] if old.get("timings") else [])]
+
+
 def digest(*parts: Any) -> str:
     """sha256 (hex) of the JSON list of ``parts``: a cache key that changes with any part."""
     payload = json.dumps(list(parts), ensure_ascii=False)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pyrefusal.evaluation import (
     Completion,
     budget_grid,
+    is_degenerate,
     refusal_by_budget,
     refusal_onset,
+    repetition,
     summarize,
     wilson_interval,
 )
@@ -25,14 +27,16 @@ class _Pieces:
         return "".join(self.pieces[t] for t in tokens)
 
 
-def _completion(refused: bool, onset: int | None, n_tokens: int = 64, lang: str = "en") -> Completion:
+def _completion(
+    refused: bool, onset: int | None, n_tokens: int = 64, lang: str = "en", response: str = "r"
+) -> Completion:
     return Completion(
         prompt_id=f"{lang}/x",
         lang=lang,
         kind="harmful",
         condition="baseline",
         prompt="p",
-        response="r",
+        response=response,
         n_tokens=n_tokens,
         finish_reason="length",
         refused=refused,
@@ -101,3 +105,30 @@ def test_wilson_interval_matches_known_values() -> None:
     assert summarize([_completion(True, 1)] * 3 + [_completion(False, None)])["en"]["baseline"]["harmful"][
         "refusal_rate_ci95"
     ] == list(wilson_interval(3, 4))
+
+
+LOOP_FR = "Le soleil est le soleil, le soleil est le soleil.\nLe soleil est le soleil, le soleil est le soleil,\n" * 2
+LOOP_KO = "그는 그의 첫 번째 책을 읽고, " * 6
+PROSE_EN = (
+    "To bake bread, mix flour, water, salt and yeast, knead the dough for ten minutes, let it rise "
+    "until doubled, shape it, let it rise again and bake it at 230 degrees for about half an hour."
+)
+PROSE_ZH = "光合作用是植物利用阳光、水和二氧化碳制造葡萄糖并释放氧气的过程，主要发生在叶绿体中。"  # noqa: RUF001
+
+
+def test_repetition_separates_loops_from_prose() -> None:
+    # a loop repeats most of its 10-grams; prose in any script almost none
+    assert repetition(LOOP_FR) > 0.5 and repetition(LOOP_KO) > 0.5
+    assert repetition(PROSE_EN) < 0.05 and repetition(PROSE_ZH) < 0.05
+    assert is_degenerate(LOOP_KO) and not is_degenerate(PROSE_ZH)
+    # exact value: "abcdefghij" * 3 has 21 10-grams of which 10 are distinct
+    assert abs(repetition("abcdefghij" * 3) - (1 - 10 / 21)) < 1e-12
+    assert repetition("short") == 0.0 and repetition("") == 0.0
+    # whitespace runs do not hide or create repetition
+    assert repetition(PROSE_EN.replace(" ", "  \n ")) == repetition(PROSE_EN)
+
+
+def test_summarize_counts_loops() -> None:
+    rows = [_completion(False, None, response=LOOP_FR)] * 2 + [_completion(False, None, response=PROSE_EN)] * 3
+    e = summarize(rows)["en"]["baseline"]["harmful"]
+    assert e["degenerate"] == 2 and e["degenerate_rate"] == 2 / 5

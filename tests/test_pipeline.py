@@ -81,6 +81,34 @@ def test_run_writes_every_output_and_resumes(tiny_model, polyrefuse_dir, tmp_pat
     again = run_pipeline(_config(path, polyrefuse_dir), out, log=lambda s: None)
     assert again["evaluation"]["en"]["baseline"]["first_token_refusal_prob"] == 0.123
     assert again["capability"] == res["capability"]
+    # each resumed invocation keeps what the earlier ones cost (capture and selection ran only in the first)
+    assert len(again["timings_previous"]) == 3 and "selection" in again["timings_previous"][0]
+    assert "selection" not in again["timings"]
+    # `pyrefusal report` recomputes the completion-derived numbers without a model and keeps the rest
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    target = next(i for i, r in enumerate(rows) if r["lang"] == "en" and r["kind"] == "harmful")
+    rows[target] |= {"response": "the sun is the sun, " * 8, "refused": True, "refusal_token": 2}
+    (out / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "## Repetition loops (all languages pooled)" in result.output
+    rendered = json.loads((out / "results.json").read_text())
+    entry = rendered["evaluation"]["en"][rows[target]["condition"]]
+    assert entry["degenerate_rate"] == pytest.approx(1 / 3)
+    assert entry["refusal_rate"] == pytest.approx(
+        sum(
+            r["refused"]
+            for r in rows
+            if r["lang"] == "en" and r["kind"] == "harmful" and r["condition"] == rows[target]["condition"]
+        )
+        / 3
+    )
+    assert rendered["evaluation"]["en"]["baseline"]["first_token_refusal_prob"] == 0.123
+    assert rendered["capability"] == res["capability"] and rendered["timings"] == again["timings"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["report", str(empty)])
+    assert result.exit_code == 2 and "pyrefusal run --out" in result.output
     # another configuration in the same directory is refused, not mixed
     with pytest.raises(PyrefusalError, match="other settings"):
         run_pipeline(_config(path, polyrefuse_dir, n_test=4), out, log=lambda s: None)
