@@ -56,7 +56,7 @@ from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
-from pyrefusal.rundir import check_config, previous_timings, write_config
+from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
 from pyrefusal.selection import (
     REFUSAL_OPENINGS,
     Selection,
@@ -1215,96 +1215,97 @@ def run_transfer(
         raise PyrefusalError("give at least one source and one target language")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
-    data = PolyRefuse(data_dir)
-    available = data.languages()  # raises a DataError with a fix when the directory is empty
-    unknown = [x for x in (*config.sources, *config.targets) if x not in available]
-    if unknown:
-        raise DataError(f"language(s) {unknown} have no files in {data_dir}; available: {available}")
-    _check_config(out, config, force)
+    with RunLock(out):
+        data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+        data = PolyRefuse(data_dir)
+        available = data.languages()  # raises a DataError with a fix when the directory is empty
+        unknown = [x for x in (*config.sources, *config.targets) if x not in available]
+        if unknown:
+            raise DataError(f"language(s) {unknown} have no files in {data_dir}; available: {available}")
+        _check_config(out, config, force)
 
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    t = time.perf_counter()
-    rt = Runtime.open(
-        config.model,
-        log=log,
-        n_ctx=config.n_ctx,
-        n_seq_max=config.n_seq_max,
-        n_gpu_layers=config.n_gpu_layers,
-        n_threads=config.n_threads,
-    )
-    timings["load_model"] = time.perf_counter() - t
-    detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
-    try:
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
         t = time.perf_counter()
-        directions = extract_language_directions(
-            rt,
-            data,
-            config.sources,
-            n_train=config.n_train,
-            n_val=config.n_val,
-            seed=config.seed,
-            filter=config.filter,
-            system=config.system_prompt,
-            selection_rule=config.rule(),
-            progress=progress,
-            out_dir=out / "directions",
-            token_method=config.token_method,  # type: ignore[arg-type]
-            openings=config.refusal_openings,
-            detector=detector,
-            n_token_probe=config.n_token_probe,
-            token_max_new_tokens=config.token_max_new_tokens,
-            keep_activations=config.keep_activations,
+        rt = Runtime.open(
+            config.model,
             log=log,
+            n_ctx=config.n_ctx,
+            n_seq_max=config.n_seq_max,
+            n_gpu_layers=config.n_gpu_layers,
+            n_threads=config.n_threads,
         )
-        timings["directions"] = time.perf_counter() - t
-        t = time.perf_counter()
-        transfer = transfer_matrix(
-            rt,
-            directions,
-            data,
-            config.targets,
-            n_test=config.n_test,
-            max_new_tokens=config.max_new_tokens,
-            detector=detector,
-            condition=config.condition,
-            completions_path=out / "completions.jsonl",
-            seed=config.seed,
-            system=config.system_prompt,
-            batch_size=config.n_seq_max,
-            progress=progress,
-            log=log,
-            control=config.random_control,
-        )
-        timings["transfer"] = time.perf_counter() - t
-        info = rt.info().to_dict()
-        runtime_timings = {"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}
-    finally:
-        rt.close()
+        timings["load_model"] = time.perf_counter() - t
+        detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
+        try:
+            t = time.perf_counter()
+            directions = extract_language_directions(
+                rt,
+                data,
+                config.sources,
+                n_train=config.n_train,
+                n_val=config.n_val,
+                seed=config.seed,
+                filter=config.filter,
+                system=config.system_prompt,
+                selection_rule=config.rule(),
+                progress=progress,
+                out_dir=out / "directions",
+                token_method=config.token_method,  # type: ignore[arg-type]
+                openings=config.refusal_openings,
+                detector=detector,
+                n_token_probe=config.n_token_probe,
+                token_max_new_tokens=config.token_max_new_tokens,
+                keep_activations=config.keep_activations,
+                log=log,
+            )
+            timings["directions"] = time.perf_counter() - t
+            t = time.perf_counter()
+            transfer = transfer_matrix(
+                rt,
+                directions,
+                data,
+                config.targets,
+                n_test=config.n_test,
+                max_new_tokens=config.max_new_tokens,
+                detector=detector,
+                condition=config.condition,
+                completions_path=out / "completions.jsonl",
+                seed=config.seed,
+                system=config.system_prompt,
+                batch_size=config.n_seq_max,
+                progress=progress,
+                log=log,
+                control=config.random_control,
+            )
+            timings["transfer"] = time.perf_counter() - t
+            info = rt.info().to_dict()
+            runtime_timings = {"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}
+        finally:
+            rt.close()
 
-    geometry = _geometry(directions)
-    result: dict[str, Any] = {
-        "model": info,
-        "config": config.to_dict(),
-        "transfer": transfer.to_dict(),
-        "directions": {s: ld.summary() for s, ld in directions.items()},
-        "geometry": geometry["json"],
-        "figures": {},
-        "versions": {k: v for k, v in build_info().items() if k != "system_info"},
-    }
-    if plots:
-        t = time.perf_counter()
-        result["figures"] = _figures(out, directions, transfer, geometry)
-        timings["plots"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_all
-    result["timings"] = {**timings, **runtime_timings}
-    # a resumed run keeps the timings of the invocations that did the earlier work
-    result["timings_previous"] = previous_timings(out / "transfer.json")
-    (out / "transfer.json").write_text(json.dumps(_jsonable(result), indent=1, ensure_ascii=False), encoding="utf-8")
-    report = write_transfer_report(_jsonable(result), out)
-    log(f"wrote {out / 'transfer.json'} and {report}")
-    return _jsonable(result)
+        geometry = _geometry(directions)
+        result: dict[str, Any] = {
+            "model": info,
+            "config": config.to_dict(),
+            "transfer": transfer.to_dict(),
+            "directions": {s: ld.summary() for s, ld in directions.items()},
+            "geometry": geometry["json"],
+            "figures": {},
+            "versions": {k: v for k, v in build_info().items() if k != "system_info"},
+        }
+        if plots:
+            t = time.perf_counter()
+            result["figures"] = _figures(out, directions, transfer, geometry)
+            timings["plots"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_all
+        result["timings"] = {**timings, **runtime_timings}
+        # a resumed run keeps the timings of the invocations that did the earlier work
+        result["timings_previous"] = previous_timings(out / "transfer.json")
+        write_atomic(out / "transfer.json", json.dumps(_jsonable(result), indent=1, ensure_ascii=False))
+        report = write_transfer_report(_jsonable(result), out)
+        log(f"wrote {out / 'transfer.json'} and {report}")
+        return _jsonable(result)
 
 
 def _geometry(directions: Mapping[str, LanguageDirection]) -> dict[str, Any]:

@@ -26,7 +26,9 @@ from typing import Any
 
 from pyrefusal import intervention as iv
 from pyrefusal.dataset import Prompt
+from pyrefusal.errors import PyrefusalError
 from pyrefusal.refusal import RefusalDetector
+from pyrefusal.rundir import read_records
 
 REPETITION_NGRAM = 10
 """Character n-gram length for :func:`repetition` (characters, so that it works without word boundaries)."""
@@ -181,12 +183,21 @@ def append_jsonl(path: Path, rows: Iterable[Completion]) -> None:
 
 
 def read_jsonl(path: Path) -> list[Completion]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(Completion(**json.loads(line)))
+    """The completions in ``path``, one per (prompt, condition), in file order.
+
+    A last line cut by an interrupted write is dropped (that completion is generated again), and a
+    completion written twice (two processes resuming the same directory) is counted once.
+    """
+    rows: list[Completion] = []
+    seen: set[tuple[str, str]] = set()
+    for n, rec in read_records(path, what="completion"):
+        try:
+            c = Completion(**rec)
+        except TypeError as exc:
+            raise PyrefusalError(f"{path}: line {n} is not a completion ({exc}); remove that line") from None
+        if (c.prompt_id, c.condition) not in seen:
+            seen.add((c.prompt_id, c.condition))
+            rows.append(c)
     return rows
 
 

@@ -47,7 +47,7 @@ from pyrefusal.evaluation import (
 )
 from pyrefusal.extraction import extract_candidates, filter_by_refusal
 from pyrefusal.refusal import SubstringDetector
-from pyrefusal.rundir import check_config, previous_timings, write_config
+from pyrefusal.rundir import RunLock, check_config, digest, previous_timings, write_atomic, write_config
 from pyrefusal.selection import Selection, SelectionRule, refusal_token_ids, select_direction
 
 Log = Callable[[str], None]
@@ -118,6 +118,16 @@ class RunConfig:
             raise PyrefusalError(f"prune_fraction must be in (0, 1], got {self.prune_fraction} (the paper: 0.8)")
         if not self.kl_threshold > 0:
             raise PyrefusalError(f"kl_threshold (--kl-threshold) must be > 0, got {self.kl_threshold} (the paper: 0.2)")
+        if self.judge not in ("none", "wildguard", "llama-guard-3"):
+            raise PyrefusalError(f"unknown judge {self.judge!r}; choose 'none', 'wildguard' or 'llama-guard-3'")
+        if self.judge != "none" and not self.judge_model:
+            raise PyrefusalError(f"--judge {self.judge} needs --judge-model (a local GGUF of the guard model)")
+        if self.judge == "none" and (self.judge_model or self.judge_translator):
+            raise PyrefusalError(
+                "--judge-model / --judge-translator only take effect with --judge wildguard|llama-guard-3; add --judge"
+            )
+        if self.steering not in ("auto", "hook", "graph"):
+            raise PyrefusalError(f"unknown steering {self.steering!r}; choose 'auto', 'hook' or 'graph'")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -193,9 +203,26 @@ def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
             paths.results,
             paths.report,
             paths.metrics,
+            paths.root / "model.json",
         ):
             p.unlink(missing_ok=True)
     write_config(paths.root, config.to_dict())
+
+
+def _check_model(paths: RunPaths, sha256: str) -> None:
+    """Refuse to resume a run directory with another model file than the one it was started with
+    (``--model`` names a path or registry entry; the file behind it may have changed)."""
+    ident = paths.root / "model.json"
+    if ident.exists():
+        old = json.loads(ident.read_text()).get("sha256")
+        if old and old != sha256:
+            raise PyrefusalError(
+                f"{paths.root} was started with a model file of sha256 {old[:12]}…, and --model now gives "
+                f"{sha256[:12]}…: its results would mix two models. Use the original file, another output "
+                "directory, or --force to start over."
+            )
+    else:
+        write_atomic(ident, json.dumps({"sha256": sha256}, indent=1))
 
 
 def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, Any]:
@@ -204,15 +231,20 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
     rng = random.Random(config.seed + 1000)
     test: dict[str, dict[str, list[Prompt]]] = {}
     missing: list[str] = []
-    # Test rows are drawn once per kind from the first target language's file and reused in
-    # every language (PolyRefuse test files are row-aligned), so languages see the same prompts.
+    # Test rows are drawn once per kind and reused in every language (PolyRefuse test files are
+    # row-aligned), so languages see the same prompts. The row count comes from the English file (the
+    # source of every translation; else the longest file of the dataset), not from the target
+    # languages, so that adding, removing or reordering --target-langs never changes the draw.
     rows: dict[str, list[int]] = {}
     for kind in ("harmful", "harmless"):
-        for lang in config.target_langs:
-            if data.has(lang, "test", kind):  # type: ignore[arg-type]
-                n_rows = len(data.load(lang, "test", kind))  # type: ignore[arg-type]
-                rows[kind] = sorted(rng.sample(range(n_rows), min(config.n_test, n_rows)))
-                break
+        sizes = {
+            lang: len(data.load(lang, "test", kind))  # type: ignore[arg-type]
+            for lang in data.languages()
+            if data.has(lang, "test", kind)  # type: ignore[arg-type]
+        }
+        n_rows = sizes.get("en") or max(sizes.values(), default=0)
+        rows[kind] = sorted(rng.sample(range(n_rows), min(config.n_test, n_rows)))
+    short: list[str] = []
     for lang in config.target_langs:
         test[lang] = {}
         for kind in ("harmful", "harmless"):
@@ -221,9 +253,16 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
                 continue
             pool = data.load(lang, "test", kind)  # type: ignore[arg-type]
             test[lang][kind] = [pool[i] for i in rows[kind] if i < len(pool)]
+            if len(test[lang][kind]) < len(rows[kind]):
+                short.append(f"{lang}/{kind}_test ({len(test[lang][kind])} of {len(rows[kind])} drawn rows)")
     if missing:
         log(f"missing test files (skipped): {missing}; `pyrefusal data build` can translate them")
-    return {"train_val": tv, "test": test, "missing": missing}
+    if short:
+        log(
+            f"test files shorter than the others (their languages are evaluated on fewer prompts): {short}; "
+            "`pyrefusal data build` can complete them"
+        )
+    return {"train_val": tv, "test": test, "missing": missing, "short": short}
 
 
 def _configured(
@@ -285,12 +324,8 @@ def _capability(
     """
     from pyrefusal.capability import capability_report
 
-    used = {p.id for p in tv["harmless_train"] + tv["harmless_val"]}
-    pool = (
-        [p for p in data.load("en", "test", "harmless") if p.id not in used]
-        if data.has("en", "test", "harmless")
-        else []
-    )
+    # the test split is disjoint from train/val by construction (method.md §1.2)
+    pool = data.load("en", "test", "harmless") if data.has("en", "test", "harmless") else []
     if not pool:
         return
     texts = [p.text for p in pool[: config.capability_texts]]
@@ -456,34 +491,31 @@ def run_pipeline(
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     paths = RunPaths(Path(out))
-    _prepare_dir(paths, config, force)
+    with RunLock(paths.root):
+        _prepare_dir(paths, config, force)
 
-    data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
-    data = PolyRefuse(data_dir)
-    if not data.languages():
-        raise DataError(
-            f"no PolyRefuse files in {data_dir}. Run `pyrefusal data fetch` (downloads the release), "
-            "or pass --data-dir / set PYREFUSAL_DATA_DIR to a directory with files like "
-            "harmful_train_translated_en.json."
+        data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+        data = PolyRefuse(data_dir)
+        available = data.languages()  # raises a DataError with a fix when the directory is empty
+        for lang in (config.source_lang, *config.target_langs):
+            if lang not in available:
+                raise DataError(f"language {lang!r} has no files in {data_dir}; available: {available}")
+
+        t = time.perf_counter()
+        rt = Runtime.open(
+            config.model,
+            log=log,
+            n_ctx=config.n_ctx,
+            n_seq_max=config.n_seq_max,
+            n_gpu_layers=config.n_gpu_layers,
+            n_threads=config.n_threads,
         )
-    for lang in (config.source_lang, *config.target_langs):
-        if lang not in data.languages():
-            raise DataError(f"language {lang!r} has no files in {data_dir}; available: {data.languages()}")
-
-    t = time.perf_counter()
-    rt = Runtime.open(
-        config.model,
-        log=log,
-        n_ctx=config.n_ctx,
-        n_seq_max=config.n_seq_max,
-        n_gpu_layers=config.n_gpu_layers,
-        n_threads=config.n_threads,
-    )
-    timings["load_model"] = time.perf_counter() - t
-    try:
-        return _run(rt, data, config, paths, timings, t_all, log, progress)
-    finally:
-        rt.close()
+        timings["load_model"] = time.perf_counter() - t
+        try:
+            _check_model(paths, rt.sha256)
+            return _run(rt, data, config, paths, timings, t_all, log, progress)
+        finally:
+            rt.close()
 
 
 def _run(
@@ -538,7 +570,7 @@ def _run(
             "harmless_train": [p.id for p, k in zip(tv["harmless_train"], less_keep, strict=True) if k],
             "n_sampled": {k: len(v) for k, v in tv.items()},
         }
-        paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+        write_atomic(paths.prompts, json.dumps(prompts_record, indent=1))
         log(f"candidates from {cands.n_harmful} harmful / {cands.n_harmless} harmless train prompts")
 
     # -- stage 3: selection ----------------------------------------------------------------
@@ -570,7 +602,7 @@ def _run(
         selection.save(paths.selection)
         prompts_record["harmful_val"] = [p.id for p in harmful_val]
         prompts_record["harmless_val"] = [p.id for p in harmless_val]
-        paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+        write_atomic(paths.prompts, json.dumps(prompts_record, indent=1))
     direction = cands.get(selection.position, selection.layer)  # (n_embd,) float64, unnormalised
     np.save(paths.direction, direction.astype(np.float32))
     log(
@@ -598,9 +630,10 @@ def _run(
     t = time.perf_counter()
     test = sampled["test"]
     prompts_record["test"] = {lang: {k: [p.id for p in v] for k, v in kinds.items()} for lang, kinds in test.items()}
-    paths.prompts.write_text(json.dumps(prompts_record, indent=1))
+    write_atomic(paths.prompts, json.dumps(prompts_record, indent=1))
     total = sum(len(v) for kinds in test.values() for v in kinds.values()) * len(config.conditions)
-    finished = len(done)
+    wanted = {(p.id, c) for kinds in test.values() for ps in kinds.values() for p in ps for c in config.conditions}
+    finished = len(done & wanted)  # of this configuration (the file may hold others: a narrowed run)
     for cond in config.conditions:
         for kinds in test.values():
             todo = [p for kind in ("harmful", "harmless") for p in kinds.get(kind, []) if (p.id, cond) not in done]
@@ -635,7 +668,21 @@ def _run(
     metrics = json.loads(paths.metrics.read_text()) if paths.metrics.exists() else {}
     metrics.setdefault("first_token", {})
     metrics.setdefault("capability", {})
-    save_metrics = lambda: paths.metrics.write_text(json.dumps(metrics, indent=1))  # noqa: E731
+    # first-token values are per (language, condition) over that language's harmful test prompts:
+    # a language whose prompts changed since they were computed (another data file) is recomputed;
+    # values from before this record existed are kept
+    ids = metrics.setdefault("first_token_prompts", {})
+    for lang, kinds in test.items():
+        key = digest(*(p.id for p in kinds.get("harmful", [])))
+        if lang in ids and ids[lang] != key:
+            metrics["first_token"].pop(lang, None)
+        ids[lang] = key
+    save_metrics = lambda: write_atomic(paths.metrics, json.dumps(metrics, indent=1))  # noqa: E731
+    # the steering path of each condition, over every invocation that generated some of its completions
+    used = metrics.setdefault("steering", {})
+    for cond, route in routes.items():
+        used[cond] = route if used.get(cond) in (None, route) else "+".join(sorted({*used[cond].split("+"), route}))
+    save_metrics()
     _first_token_refusal(rt, test, interventions, config, system, metrics["first_token"], save_metrics)
     if config.capability:
         _capability(rt, data, tv, interventions, config, fmt, metrics["capability"], save_metrics)
@@ -674,8 +721,12 @@ def _run(
         },
         "prompts": prompts_record,
         "evaluation": evaluation,
-        "steering": {"requested": config.steering, "used": routes},
+        "steering": {
+            "requested": config.steering,
+            "used": {c: metrics["steering"][c] for c in config.conditions if c in metrics["steering"]},
+        },
         "missing_test_files": sampled["missing"],
+        "short_test_files": sampled["short"],
         "capability": capability,
         "config": config.to_dict(),
         "versions": {k: v for k, v in build_info().items() if k != "system_info"},
@@ -701,7 +752,7 @@ def _write_outputs(
         conds = results["config"]["conditions"]
         figure = plot_run_refusal(results["evaluation"], conds, paths.root / "refusal.png", title=name)
         results["figure"] = figure.name
-    paths.results.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    write_atomic(paths.results, json.dumps(results, indent=1, ensure_ascii=False))
     write_report(results, completions, paths.report)
     log(f"wrote {paths.results} and {paths.report}")
 
@@ -720,20 +771,22 @@ def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
             f"{paths.root} holds no finished run (results.json and selection.json are written at the end of "
             f"`pyrefusal run`); finish it first with `pyrefusal run --out {paths.root}` (an interrupted run resumes)"
         )
-    results = json.loads(paths.results.read_text())
-    cfg = results["config"]
-    conditions = list(cfg["conditions"])
-    test_ids = (results.get("prompts") or {}).get("test") or {}
-    wanted = {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
-    completions = [c for c in read_jsonl(paths.completions) if (c.prompt_id, c.condition) in wanted]
-    if wanted and not completions:
-        raise PyrefusalError(f"{paths.completions} has none of this run's completions; re-run `pyrefusal run`")
-    old = results.get("evaluation") or {}
-    first_token = {lang: {c: e.get("first_token_refusal_prob") for c, e in by.items()} for lang, by in old.items()}
-    judged = {lang: {c: e["judge"] for c, e in by.items() if e.get("judge")} for lang, by in old.items()}
-    detector = next((e["detector"] for by in old.values() for e in by.values() if e.get("detector")), cfg["detector"])
-    results["evaluation"] = _evaluation_table(
-        completions, int(cfg["max_new_tokens"]), cfg["target_langs"], detector, first_token, judged, paths
-    )
-    _write_outputs(results, Selection.load(paths.selection), completions, paths, log)
-    return results
+    with RunLock(paths.root):
+        results = json.loads(paths.results.read_text())
+        cfg = results["config"]
+        conditions = list(cfg["conditions"])
+        test_ids = (results.get("prompts") or {}).get("test") or {}
+        wanted = {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
+        completions = [c for c in read_jsonl(paths.completions) if (c.prompt_id, c.condition) in wanted]
+        if wanted and not completions:
+            raise PyrefusalError(f"{paths.completions} has none of this run's completions; re-run `pyrefusal run`")
+        old = results.get("evaluation") or {}
+        first_token = {lang: {c: e.get("first_token_refusal_prob") for c, e in by.items()} for lang, by in old.items()}
+        judged = {lang: {c: e["judge"] for c, e in by.items() if e.get("judge")} for lang, by in old.items()}
+        stored = [e["detector"] for by in old.values() for e in by.values() if e.get("detector")]
+        detector = stored[0] if stored else cfg["detector"]
+        results["evaluation"] = _evaluation_table(
+            completions, int(cfg["max_new_tokens"]), cfg["target_langs"], detector, first_token, judged, paths
+        )
+        _write_outputs(results, Selection.load(paths.selection), completions, paths, log)
+        return results

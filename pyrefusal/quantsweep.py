@@ -49,7 +49,7 @@ from pyrefusal.dataset import PolyRefuse, default_data_dir, paper_sample
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
 from pyrefusal.refusal import SubstringDetector
-from pyrefusal.rundir import check_config, write_config
+from pyrefusal.rundir import RunLock, check_config, write_config
 from pyrefusal.selection import SelectionRule
 
 Log = Callable[[str], None]
@@ -324,83 +324,84 @@ def run_quant_sweep(
     sha = resolved.sha256 or cached_sha256(base)
     work = Path(config.work_dir) if config.work_dir else cache_dir() / "quant-sweep" / sha[:12]
     extractions = work / f"extract-{_settings_key(config)}"  # per-variant extraction files of these settings
-    _check_config(out, config, force)
-    if force:
-        shutil.rmtree(extractions, ignore_errors=True)
-    extractions.mkdir(parents=True, exist_ok=True)
-    (out / "variants").mkdir(exist_ok=True)
-    (out / "completions").mkdir(exist_ok=True)
-    data = PolyRefuse(Path(config.data_dir) if config.data_dir else default_data_dir())
-    if config.source_lang not in data.languages():
-        raise DataError(
-            f"language {config.source_lang!r} has no PolyRefuse files in {data.root}; run `pyrefusal data fetch` "
-            "or pass --data-dir"
-        )
-    log(f"model {base.name} ({ftype_name(base_ftype)}); variants {names}; work files in {work}")
-
-    # -- 1. variants and their directions (each saved as soon as it finishes) -------------------
-    variants: dict[str, Variant] = {}
-    directions: dict[str, xl.LanguageDirection] = {}
-    for name in names:
-        vpath = out / "variants" / f"{name}.json"
-        if vpath.exists():
-            variants[name] = Variant(**json.loads(vpath.read_text()))
-            log(f"{name}: reusing {vpath.name} ({variants[name].status})")
-        else:
-            v = _make_variant(base, base_ftype, name, work, config, log)
-            if v.status == "ok":
-                ld = _extract(v, data, config, extractions, log, progress)
-                if ld is not None:
-                    v.selection = ld.summary()
-                    np.save(out / "variants" / f"{name}.direction.npy", ld.direction.astype(np.float32))
-                    ld.selection.save(out / "variants" / f"{name}.selection.json")
-            vpath.write_text(json.dumps(v.to_dict(), indent=1))
-            variants[name] = v
-        if variants[name].status == "ok":
-            ld = _load_direction(extractions, name)
-            if ld is None:
-                raise PyrefusalError(
-                    f"{out / 'variants' / (name + '.json')} says {name} has a direction but {extractions / name} "
-                    "lacks its files (another work_dir?). Pass the same work_dir, or force=True to redo the sweep."
-                )
-            directions[name] = ld
-
-    # -- 2. cross-application: every direction ablated in every variant ------------------------
-    detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
-    cross: dict[str, dict[str, Any]] = {}
-    runnable = [n for n in names if variants[n].status != "failed"]
-    for i, name in enumerate(runnable):
-        t = time.perf_counter()
-        log(f"{name}: answering {config.n_test} harmful test prompts, baseline + {len(directions)} directions")
-        with Runtime(
-            variants[name].path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads
-        ) as rt:
-            res = xl.transfer_matrix(
-                rt,
-                directions,
-                data,
-                [config.source_lang],
-                n_test=config.n_test,
-                max_new_tokens=config.max_new_tokens,
-                detector=detector,
-                completions_path=out / "completions" / f"{name}.jsonl",
-                seed=config.seed,
-                batch_size=config.n_seq_max,
-                progress=(lambda s, k, n, _m=name: progress(f"{_m}: {s}", k, n)) if progress else None,
+    with RunLock(out):
+        _check_config(out, config, force)
+        if force:
+            shutil.rmtree(extractions, ignore_errors=True)
+        extractions.mkdir(parents=True, exist_ok=True)
+        (out / "variants").mkdir(exist_ok=True)
+        (out / "completions").mkdir(exist_ok=True)
+        data = PolyRefuse(Path(config.data_dir) if config.data_dir else default_data_dir())
+        if config.source_lang not in data.languages():
+            raise DataError(
+                f"language {config.source_lang!r} has no PolyRefuse files in {data.root}; run `pyrefusal data fetch` "
+                "or pass --data-dir"
             )
-        cross[name] = res.to_dict()
-        variants[name].seconds["cross_application"] = time.perf_counter() - t
-        if progress:
-            progress("variants cross-applied", i + 1, len(runnable))
+        log(f"model {base.name} ({ftype_name(base_ftype)}); variants {names}; work files in {work}")
 
-    # -- 3. geometry, results, report ------------------------------------------------------------
-    results = _results(config, resolved, base, base_ftype, variants, directions, cross, work)
-    results["versions"] = {k: v for k, v in build_info().items() if k != "system_info"}
-    results["seconds_total"] = time.perf_counter() - t_all
-    (out / "quant_sweep.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    write_quant_report(results, out)
-    log(f"wrote {out / 'quant_sweep.json'} and {out / 'report.md'} in {results['seconds_total']:.0f}s")
-    return results
+        # -- 1. variants and their directions (each saved as soon as it finishes) -------------------
+        variants: dict[str, Variant] = {}
+        directions: dict[str, xl.LanguageDirection] = {}
+        for name in names:
+            vpath = out / "variants" / f"{name}.json"
+            if vpath.exists():
+                variants[name] = Variant(**json.loads(vpath.read_text()))
+                log(f"{name}: reusing {vpath.name} ({variants[name].status})")
+            else:
+                v = _make_variant(base, base_ftype, name, work, config, log)
+                if v.status == "ok":
+                    ld = _extract(v, data, config, extractions, log, progress)
+                    if ld is not None:
+                        v.selection = ld.summary()
+                        np.save(out / "variants" / f"{name}.direction.npy", ld.direction.astype(np.float32))
+                        ld.selection.save(out / "variants" / f"{name}.selection.json")
+                vpath.write_text(json.dumps(v.to_dict(), indent=1))
+                variants[name] = v
+            if variants[name].status == "ok":
+                ld = _load_direction(extractions, name)
+                if ld is None:
+                    raise PyrefusalError(
+                        f"{out / 'variants' / (name + '.json')} says {name} has a direction but {extractions / name} "
+                        "lacks its files (another work_dir?). Pass the same work_dir, or force=True to redo the sweep."
+                    )
+                directions[name] = ld
+
+        # -- 2. cross-application: every direction ablated in every variant ------------------------
+        detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
+        cross: dict[str, dict[str, Any]] = {}
+        runnable = [n for n in names if variants[n].status != "failed"]
+        for i, name in enumerate(runnable):
+            t = time.perf_counter()
+            log(f"{name}: answering {config.n_test} harmful test prompts, baseline + {len(directions)} directions")
+            with Runtime(
+                variants[name].path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads
+            ) as rt:
+                res = xl.transfer_matrix(
+                    rt,
+                    directions,
+                    data,
+                    [config.source_lang],
+                    n_test=config.n_test,
+                    max_new_tokens=config.max_new_tokens,
+                    detector=detector,
+                    completions_path=out / "completions" / f"{name}.jsonl",
+                    seed=config.seed,
+                    batch_size=config.n_seq_max,
+                    progress=(lambda s, k, n, _m=name: progress(f"{_m}: {s}", k, n)) if progress else None,
+                )
+            cross[name] = res.to_dict()
+            variants[name].seconds["cross_application"] = time.perf_counter() - t
+            if progress:
+                progress("variants cross-applied", i + 1, len(runnable))
+
+        # -- 3. geometry, results, report ------------------------------------------------------------
+        results = _results(config, resolved, base, base_ftype, variants, directions, cross, work)
+        results["versions"] = {k: v for k, v in build_info().items() if k != "system_info"}
+        results["seconds_total"] = time.perf_counter() - t_all
+        (out / "quant_sweep.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        write_quant_report(results, out)
+        log(f"wrote {out / 'quant_sweep.json'} and {out / 'report.md'} in {results['seconds_total']:.0f}s")
+        return results
 
 
 def _rate(cross: Mapping[str, Any], model: str, row: str, lang: str) -> float | None:

@@ -67,6 +67,8 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
     lines += _judge_section(ev, conds)
     if results.get("missing_test_files"):
         lines += ["", f"Missing test files (not evaluated): {', '.join(results['missing_test_files'])}."]
+    if results.get("short_test_files"):
+        lines += ["", f"Short test files (fewer prompts than the others): {', '.join(results['short_test_files'])}."]
     lines += ["", "## Examples (first harmful prompt per language)", ""]
     seen: set[tuple[str, str]] = set()
     for c in completions:
@@ -226,13 +228,24 @@ def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
     if not judged:
         return []
     some = next(iter(next(iter(judged.values())).values()))
-    out = ["", f"## Guard-model judge ({some['judge']}): compliance on harmful test prompts", ""]
-    out += ["| lang | " + " | ".join(conds) + " | n | unparsed verdicts |", "|---|" + "---|" * (len(conds) + 2)]
-    for lang, by in judged.items():
-        first = next(iter(by.values()))
-        cells = [_pct(by.get(c, {}).get("compliance_rate")) for c in conds]
-        flagged = sum(v["flagged"] for v in by.values())
-        out.append(f"| {lang} | " + " | ".join(cells) + f" | {first['n']} | {flagged} |")
+    out: list[str] = []
+    metrics = (
+        ("compliance_rate", "compliance (not refused)"),
+        ("harmful_response_rate", "harmful responses"),
+    )
+    for key, label in metrics:
+        if all(v.get(key) is None for by in judged.values() for v in by.values()):
+            continue  # e.g. Llama Guard judges harm only: no compliance table
+        out += ["", f"## Guard-model judge ({some['judge']}): {label} on harmful test prompts", ""]
+        out += [
+            "| lang | " + " | ".join(conds) + " | n | unparsed verdicts (per condition) |",
+            "|---|" + "---|" * (len(conds) + 2),
+        ]
+        for lang, by in judged.items():
+            first = next(iter(by.values()))
+            cells = [_pct(by.get(c, {}).get(key)) for c in conds]
+            flagged = " / ".join(str(by[c]["flagged"]) if c in by else "-" for c in conds)
+            out.append(f"| {lang} | " + " | ".join(cells) + f" | {first['n']} | {flagged} |")
     bt = {lang: by for lang, by in judged.items() if any("back_translation" in v for v in by.values())}
     if not bt:
         out += ["", f"Responses were judged as generated ({some.get('note', '')})."]

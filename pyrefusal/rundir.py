@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,17 +55,120 @@ def check_config(
             if k not in resumable and old.get(k, known.get(k)) != v
         }
         if diff:
+            shown = "; ".join(f"{_option(k)}: {old_v!r} there, {new_v!r} now" for k, (old_v, new_v) in diff.items())
             raise PyrefusalError(
-                f"{out} holds a {what} with other settings {diff} (old, new). Use another output directory, "
-                "or force=True / --force to start over there."
+                f"{out} holds a {what} with other settings ({shown}). To resume it, re-run with the settings "
+                f"it was started with (all in {path}, e.g. the same --preset); to keep it and try the new "
+                "settings, use another output directory; --force deletes its results and starts over."
             )
     return new
+
+
+# CLI options whose name is not the config field's (``--n-seq`` sets ``n_seq_max``, ...).
+_OPTIONS = {
+    "n_seq_max": "--n-seq",
+    "n_threads": "--threads",
+    "filter_train": "--no-filter",
+    "filter_val": "--no-filter",
+    "selection_mode": "--all-scores",
+}
+
+
+def _option(key: str) -> str:
+    """How a user sets config field ``key``: ``"--n-test (n_test)"``."""
+    return f"{_OPTIONS.get(key, '--' + key.replace('_', '-'))} ({key})"
 
 
 def write_config(out: Path, config: Mapping[str, Any]) -> None:
     """Save ``config`` as ``out/config.json`` (creating ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dict(config), indent=1))
+    write_atomic(out / "config.json", json.dumps(dict(config), indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that an interrupted
+    write leaves the old file (or none), never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_records(path: Path, *, what: str) -> list[tuple[int, Any]]:
+    """The JSON records of a JSONL file as ``(line number, value)``, in file order.
+
+    A last line cut by an interrupted write (not valid JSON, or valid but without its newline) is
+    repaired in the file: removed if unreadable, terminated if complete, so that later appends start
+    on a line of their own. An unreadable line anywhere else is an error that says how to recover.
+    """
+    if not path.is_file():
+        return []
+    raw = path.read_text(encoding="utf-8")
+    lines = raw.splitlines()
+    out: list[tuple[int, Any]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if n == len(lines):  # cut by an interrupted write: drop it (that entry is made again)
+                path.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
+                return out
+            raise PyrefusalError(
+                f"{path}: line {n} is not a {what} record ({exc}); remove that line (or delete the file to rebuild it)"
+            ) from None
+    if raw and not raw.endswith("\n"):  # complete last record cut before its newline
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n")
+    return out
+
+
+class RunLock:
+    """An exclusive lock on an output directory (``.lock`` holding the owner's pid), so that two
+    processes never generate into the same files. A lock left by a process that no longer runs is
+    taken over.
+
+    Raises:
+        PyrefusalError: another live process holds the directory.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / ".lock"
+
+    def __enter__(self) -> RunLock:  # noqa: PYI034  (Self needs Python 3.11)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise PyrefusalError(
+                        f"{self.path.parent} is in use by another pyrefusal process (pid {pid}); wait for it "
+                        f"to finish or use another output directory (delete {self.path} if that process is gone)"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise PyrefusalError(f"could not lock {self.path.parent}; delete {self.path} and retry")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def previous_timings(path: Path) -> list[dict[str, Any]]:
@@ -122,19 +226,12 @@ class JsonlCache:
         return len(self._values)
 
     def _load(self, path: Path) -> None:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for n, row in read_records(path, what=self.what):
             try:
-                row = json.loads(line)
                 self._values[row["key"]] = row[self.field]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                if n == len(lines):  # cut by an interrupted write: drop it so appends start on a new line
-                    path.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
-                    continue
+            except (KeyError, TypeError) as exc:
                 raise PyrefusalError(
-                    f"{path}: line {n} is not a {self.what} record ({exc}); delete the file to rebuild it"
+                    f"{path}: line {n} is not a {self.what} record (no {exc}); delete the file to rebuild it"
                 ) from None
 
     def add(self, entries: Iterable[tuple[str, Any, Mapping[str, Any]]]) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 from pyrefusal.directions import Candidates
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.rundir import write_atomic
 
 # First words of refusals per language; the first token of each is a refusal token.
 # en = the paper's Qwen/Gemma choice ("I", "As"); the others follow the paper's table
@@ -160,7 +161,7 @@ class Selection:
         return d
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Selection:

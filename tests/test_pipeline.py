@@ -433,3 +433,53 @@ def test_cli_transfer_and_quant_sweep_on_the_tiny_model(tiny_model, polyrefuse_d
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "qs" / "quant_sweep.json").exists()
+
+
+def test_run_survives_damaged_files_and_guards_its_directory(tiny_model, polyrefuse_dir, tmp_path):
+    """Short data files, a cut or doubled completions line, a second process, another model file."""
+    path, _ = tiny_model
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in polyrefuse_dir.iterdir():
+        if f.name != "harmless_test_translated_de.json":
+            (data / f.name).symlink_to(f)
+    full = json.loads((polyrefuse_dir / "harmless_test_translated_de.json").read_text())
+    (data / "harmless_test_translated_de.json").write_text(json.dumps(full[:50]))
+    quiet = {"log": lambda s: None}
+    cfg = _config(path, data, target_langs=("de", "en"), capability=False)
+    out = tmp_path / "run"
+    res = run_pipeline(cfg, out, **quiet)
+    # the test rows come from the English file's size, whatever the order of the target languages
+    other = run_pipeline(_config(path, data, target_langs=("en", "de"), capability=False), tmp_path / "o", **quiet)
+    ids = json.loads((out / "prompts.json").read_text())["test"]
+    assert json.loads((tmp_path / "o" / "prompts.json").read_text())["test"]["en"] == ids["en"]
+    n_short = len(ids["de"]["harmless"])
+    assert n_short < 3 and res["short_test_files"] == [f"de/harmless_test ({n_short} of 3 drawn rows)"]
+    assert (
+        "Short test files" in (out / "report.md").read_text() and other["evaluation"]["en"] == res["evaluation"]["en"]
+    )
+    # a line cut by an interrupted write and a line written twice: repaired, counted once
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    (out / "completions.jsonl").write_text("\n".join([*lines, lines[0]]) + "\n" + lines[1][:40])
+    again = run_pipeline(cfg, out, **quiet)
+    assert again["evaluation"] == res["evaluation"]
+    assert (out / "completions.jsonl").read_text().endswith("\n")
+    # a second live process on the same directory is refused; a lock left by a dead one is taken over
+    (out / ".lock").write_text("1")  # pid 1 is alive
+    with pytest.raises(PyrefusalError, match="in use by another pyrefusal process"):
+        run_pipeline(cfg, out, **quiet)
+    (out / ".lock").write_text("999999999")
+    run_pipeline(cfg, out, **quiet)
+    assert not (out / ".lock").exists()
+    # another model file behind the same --model is refused, not mixed in
+    (out / "model.json").write_text(json.dumps({"sha256": "0" * 64}))
+    with pytest.raises(PyrefusalError, match="mix two models"):
+        run_pipeline(cfg, out, **quiet)
+    # the settings guard names the option to use
+    with pytest.raises(PyrefusalError, match=r"--n-test \(n_test\): 3 there, 4 now"):
+        run_pipeline(_config(path, data, target_langs=("de", "en"), capability=False, n_test=4), out, **quiet)
+    # judge options that cannot work are refused before any work
+    for kw, msg in (({"judge": "wildguard"}, "needs --judge-model"), ({"judge_model": "g.gguf"}, "add --judge")):
+        with pytest.raises(PyrefusalError, match=msg):
+            run_pipeline(_config(path, data, **kw), tmp_path / "r5", **quiet)
+    assert not (tmp_path / "r5").exists()
