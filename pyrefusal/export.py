@@ -455,9 +455,15 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
             data_start = (pos + align - 1) // align * align
         except (struct.error, KeyError, ValueError) as e:
             raise ExportError(f"{path}: truncated or corrupt GGUF header ({e}); re-download the model") from e
-    tensors = {
-        name: TensorInfo(name, ne, gguf.GGMLQuantizationType(qt), data_start + off) for name, ne, qt, off in infos
-    }
+    try:
+        tensors = {
+            name: TensorInfo(name, ne, gguf.GGMLQuantizationType(qt), data_start + off) for name, ne, qt, off in infos
+        }
+    except ValueError as e:
+        raise ExportError(
+            f"{path}: a tensor type unknown to gguf {gguf.__version__} ({e}); upgrade gguf (`pip install -U gguf`) "
+            "or convert the model to a standard type"
+        ) from e
     return GGUFHeader(path=path, kv=kv, tensors=tensors)
 
 

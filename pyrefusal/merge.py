@@ -237,7 +237,13 @@ _ROW_CHUNK = 1 << 14  # embedding rows edited at a time (16384 x n_embd float64)
 def _dequantized(t: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows ``start:stop`` of a GGUFReader tensor as float32 ``(n_rows, ne[0])``."""
     raw = t.data[start:stop]
-    out = gguf.quants.dequantize(np.ascontiguousarray(raw), t.tensor_type)
+    try:
+        out = gguf.quants.dequantize(np.ascontiguousarray(raw), t.tensor_type)
+    except NotImplementedError as e:
+        raise MergeError(
+            f"{t.name}: gguf {gguf.__version__} cannot dequantize {t.tensor_type.name} in NumPy ({e}); "
+            "use a model quantized to a K-quant, Q8_0 or float type"
+        ) from e
     return np.asarray(out, dtype=np.float32).reshape(-1, int(t.shape[0]))
 
 

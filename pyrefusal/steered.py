@@ -353,7 +353,7 @@ def steering_from_run(
         layer=sel["layer"] if layer is None else layer,
         coeff=coeff,
         allow_inexact=allow_inexact,
-        model_sha256=sha or expected,
+        model_sha256=sha,  # None: computed (once, with a sidecar) from the file actually loaded
         adapter_root=adapter_root,
         provenance={k: v for k, v in prov.items() if v is not None},
     )
