@@ -54,7 +54,7 @@ from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.directions import Candidates, random_like, unit
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
-from pyrefusal.extraction import extract_candidates, filter_by_refusal
+from pyrefusal.extraction import NO_VAL_FILTER, extract_candidates, filter_by_refusal
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
 from pyrefusal.selection import (
@@ -550,9 +550,11 @@ class _Extractor:
             self.log(f"{lang}: reusing selection.json")
             return Selection.load(d / "selection.json")
         kept: dict[str, list[Prompt]] = {}
+        if filter and lang in NO_VAL_FILTER:
+            self.log(f"{lang}: val prompts not filtered (the paper's rule for this language, method.md §1.4)")
         for kind, positive in (("harmful", True), ("harmless", False)):
             ps = tv[f"{kind}_val"]
-            if filter:
+            if filter and lang not in NO_VAL_FILTER:
                 mask = filter_by_refusal(self.rt, self.fmt(ps), refusal_ids, positive, self.log, f"{lang} {kind} val")
                 ps = [p for p, k in zip(ps, mask, strict=True) if k]
             kept[kind] = ps

@@ -100,8 +100,9 @@ def mean_difference(harmful: np.ndarray, harmless: np.ndarray, positions: tuple[
     if len(harmful) == 0 or len(harmless) == 0:
         raise PyrefusalError("need at least one harmful and one harmless prompt to compute a direction")
     # float64 accumulation as in the reference code (a bf16/f32 running mean drifts).
-    mu_pos = harmful.astype(np.float64).mean(axis=0)  # (n_positions, n_layers, n_embd)
-    mu_neg = harmless.astype(np.float64).mean(axis=0)
+    # (accumulating in float64 without a float64 copy of the activations, which would double the memory)
+    mu_pos = harmful.mean(axis=0, dtype=np.float64)  # (n_positions, n_layers, n_embd)
+    mu_neg = harmless.mean(axis=0, dtype=np.float64)
     diff = mu_pos - mu_neg
     if not np.all(np.isfinite(diff)):
         raise PyrefusalError("NaN/inf in the mean difference; the model produced non-finite activations")

@@ -29,6 +29,11 @@ Log = Callable[[str], None]
 MIN_FILTERED = 4
 
 
+NO_VAL_FILTER = frozenset({"yo", "yi"})
+"""Source languages whose val prompts the paper does not filter (``filter_val=False``, method.md §1.4):
+the model barely refuses in them, so the filter would leave almost no harmful val prompt."""
+
+
 def filter_mask(scores: np.ndarray, keep_positive: bool, log: Log, what: str) -> np.ndarray:
     """Which prompts the paper's filter keeps: ``scores > 0`` (``keep_positive``) or ``scores < 0``.
 

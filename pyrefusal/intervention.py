@@ -360,7 +360,7 @@ def disarm(runtime: Any) -> None:
 def arm(runtime: Any, intervention: Intervention, path: PathChoice = "hook") -> str:
     """Apply ``intervention`` to ``runtime``, replacing whatever was armed before.
 
-    Undo with :func:`disarm` (``runtime.clear_plan()`` alone leaves LoRA/control vectors on).
+    Undo with :func:`disarm` or ``runtime.clear_plan()`` (both remove hook plans, LoRAs and control vectors).
 
     Args:
         runtime: a :class:`~pyrefusal.backend.Runtime`.

@@ -45,7 +45,7 @@ from pyrefusal.evaluation import (
     read_jsonl,
     summarize,
 )
-from pyrefusal.extraction import extract_candidates, filter_by_refusal
+from pyrefusal.extraction import NO_VAL_FILTER, extract_candidates, filter_by_refusal
 from pyrefusal.refusal import SubstringDetector
 from pyrefusal.rundir import RunLock, check_config, digest, previous_timings, write_atomic, write_config
 from pyrefusal.selection import Selection, SelectionRule, refusal_token_ids, select_direction
@@ -583,7 +583,9 @@ def _run(
         harmless_val = [p for p in harmless_val if p.id in set(prompts_record.get("harmless_val", []))] or harmless_val
     else:
         t = time.perf_counter()
-        if config.filter_val:
+        if config.filter_val and config.source_lang in NO_VAL_FILTER:
+            log(f"val prompts not filtered: source language {config.source_lang!r} (the paper's rule, method.md §1.4)")
+        if config.filter_val and config.source_lang not in NO_VAL_FILTER:
             keep = filter_by_refusal(rt, fmt(harmful_val), refusal_ids, True, log, "harmful val")
             harmful_val = [p for p, k in zip(harmful_val, keep, strict=True) if k]
             keep = filter_by_refusal(rt, fmt(harmless_val), refusal_ids, False, log, "harmless val")

@@ -82,6 +82,11 @@ def refusal_token_ids(
         toks = tokenize(w)
         if toks and toks[0] not in ids:
             ids.append(toks[0])
+    if not ids:
+        raise PyrefusalError(
+            f"the refusal openings {words} of {lang!r} tokenize to nothing; "
+            "pass non-empty words with --refusal-openings"
+        )
     return ids
 
 
@@ -274,6 +279,9 @@ def select_direction(
             (s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
             key=lambda s: s.refusal_score,
         )  # stable
+        for s in todo:
+            if s.refusal_score is None or math.isnan(s.refusal_score):
+                s.discarded = "nan"
         for j, s in enumerate(order):
             fill_kl(s)
             if progress:
