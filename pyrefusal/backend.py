@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp  # must be imported before numpy/gguf in CUDA processes (see docs)
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -36,6 +36,22 @@ from pyrefusal import _core
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
 
 _SENTINEL = "PYREFUSALINSTRUCTIONSENTINEL"
+_SYSTEM_SENTINEL = "PYREFUSALSYSTEMSENTINEL"
+
+# The paper's prompts (method.md §2): one user turn and the opened assistant turn, no system turn at
+# all (Qwen2.5's default "You are Qwen, created by Alibaba Cloud…" and Llama 3.1's date header are not
+# used). Keyed by a marker that identifies the family in a GGUF chat template; "{x}" is the instruction.
+# BOS is added where the model's tokenizer adds it (``tokenizer.ggml.add_bos_token``), once.
+PAPER_USER_TURNS: dict[str, tuple[str, str]] = {
+    "chatml": ("<|im_start|>", "<|im_start|>user\n{x}<|im_end|>\n<|im_start|>assistant\n"),
+    "llama3": (
+        "<|start_header_id|>",
+        "<|start_header_id|>user<|end_header_id|>\n\n{x}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+    "gemma": ("<start_of_turn>", "<start_of_turn>user\n{x}<end_of_turn>\n<start_of_turn>model\n"),
+}
+
+PromptFormat = Literal["template", "paper"]
 _backend_ready = False
 
 
@@ -322,6 +338,8 @@ class Runtime:
         self.name = name or self.meta("general.name") or self.path.stem
         self._sha256 = sha256
         self._eoi: list[int] | None = None
+        self._paper_turn: str | None = None
+        self._prompt_format: PromptFormat = "template"
 
     @classmethod
     def open(cls, spec: str, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> Runtime:
@@ -443,14 +461,72 @@ class Runtime:
     def format_chat(self, instruction: str, system: str | None = None) -> str:
         """Render one user turn with the GGUF's own chat template, ready for the reply.
 
-        ``system=None`` leaves the template's default (e.g. Qwen2.5's default system prompt),
-        as any llama.cpp chat app would.
+        ``system=None`` leaves the template's default (e.g. Qwen2.5's default system prompt), as any
+        llama.cpp chat app would, unless :attr:`prompt_format` is ``"paper"``: then the prompt is the
+        user turn alone, with no system turn (:meth:`paper_user_turn`).
         """
+        if system is None and self.prompt_format == "paper":
+            return self.paper_user_turn().replace("{x}", instruction)
         messages: list[dict[str, str]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction})
         return self.format_messages(messages)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How a prompt without a system message is rendered: ``"template"`` (the GGUF chat template,
+        with the default system prompt it may add, as llama.cpp chat apps do) or ``"paper"`` (the user
+        turn alone, as the paper: :data:`PAPER_USER_TURNS`)."""
+        return self._prompt_format
+
+    @prompt_format.setter
+    def prompt_format(self, value: PromptFormat) -> None:
+        if value not in ("template", "paper"):
+            raise ValueError(f"prompt_format must be 'template' or 'paper', got {value!r}")
+        if value != self._prompt_format:
+            self._prompt_format = value
+            self._eoi = None  # derived from the rendering
+
+    def paper_user_turn(self) -> str:
+        """The paper's prompt for this model's chat format, ``"{x}"`` standing for the instruction.
+
+        The family is recognised from the GGUF chat template, and the result is checked against it: the
+        template, given a system message, must end with exactly this user turn, so the two renderings
+        differ only by the system turn.
+
+        Raises:
+            ModelError: the template is not ChatML (Qwen, Yi), Llama 3 or Gemma, or does not end as
+                that format does.
+        """
+        if self._paper_turn is not None:
+            return self._paper_turn
+        template = self.chat_template or ""
+        family = next((f for f, (marker, _) in PAPER_USER_TURNS.items() if marker in template), None)
+        if family is None:
+            raise ModelError(
+                f"the paper's prompt format (no system turn) is defined for ChatML (Qwen, Yi), Llama 3 and Gemma "
+                f"chat templates, and {self.path.name}'s template is none of them; use --prompt-format template "
+                "(the GGUF's own template) or give an explicit --system-prompt"
+            )
+        turn = PAPER_USER_TURNS[family][1]
+        rendered = (
+            self.format_messages(
+                [{"role": "system", "content": _SYSTEM_SENTINEL}, {"role": "user", "content": _SENTINEL}]
+            )
+            if family != "gemma"  # Gemma templates reject a system role
+            else self.format_messages([{"role": "user", "content": _SENTINEL}])
+        )
+        if not rendered.endswith(turn.replace("{x}", _SENTINEL)):
+            raise ModelError(
+                f"{self.path.name}'s chat template does not end its user turn as the paper's {family} format "
+                f"({turn!r}); use --prompt-format template"
+            )
+        bos = llama_cpp.llama_vocab_bos(self._vocab)  # added where the tokenizer adds it (as HF's tokenizer call)
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        prefix = self.detokenize([bos], special=True) if add_bos and bos >= 0 else ""
+        self._paper_turn = prefix + turn
+        return self._paper_turn
 
     def chat_tokens(self, instruction: str, system: str | None = None) -> list[int]:
         """Tokens of a formatted chat prompt (as llama-cpp-python's chat completion tokenises it)."""

@@ -142,6 +142,15 @@ def doctor() -> None:
 @click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
 @click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
 @click.option("--system-prompt", default=None, help="System prompt (default: the chat template's own default).")
+@click.option(
+    "--prompt-format",
+    type=click.Choice(["template", "paper"]),
+    default="template",
+    show_default=True,
+    help="Without --system-prompt: 'template' renders the GGUF chat template, with the default system prompt it "
+    "may add (Qwen2.5: 'You are Qwen, created by Alibaba Cloud...'), as llama.cpp chat apps do; 'paper' renders "
+    "the user turn alone, no system turn, as the paper (ChatML, Llama 3 and Gemma templates).",
+)
 @click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
 @click.option(
     "--judge",
@@ -187,8 +196,9 @@ def doctor() -> None:
     type=click.Choice(["quick", "paper"]),
     default="quick",
     show_default=True,
-    help="paper = the paper's sizes (128/32 train/val, 572 test, 512 tokens, baseline + harm_ablation "
-    "+ ablation) unless an option is given explicitly; quick = the defaults shown (minutes on a CPU).",
+    help="paper = the paper's sizes and prompts (128/32 train/val, 572 test, 512 tokens, baseline + harm_ablation "
+    "+ ablation, --prompt-format paper) unless an option is given explicitly; quick = the defaults shown (minutes "
+    "on a CPU).",
 )
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
@@ -200,6 +210,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
             "n_test": 572,
             "max_new_tokens": 512,
             "conditions": "baseline,ablation,harm_ablation",
+            "prompt_format": "paper",
         }
         for key, value in paper.items():
             if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
@@ -268,6 +279,14 @@ def report(run_dir: Path, quiet: bool) -> None:
     help="Refusal tokens per language: from the model's own refusals, or the built-in table.",
 )
 @click.option("--refusal-openings", default="", help='Per-language overrides, e.g. "de=Ich,Es;ja=申し訳".')
+@click.option(
+    "--prompt-format",
+    type=click.Choice(["template", "paper"]),
+    default="template",
+    show_default=True,
+    help="'paper': no system turn at all, as the paper; 'template': the GGUF chat template and its default "
+    "system prompt (see `pyrefusal run --help`).",
+)
 @click.option(
     "--random-control/--no-random-control",
     default=True,

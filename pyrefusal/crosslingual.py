@@ -43,7 +43,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1103,6 +1103,8 @@ class TransferConfig:
         detector: ``"multilingual"`` or ``"paper"`` substring matching.
         filter: filter train/val prompts by refusal score.
         system_prompt: ``None`` = the chat template's default.
+        prompt_format: ``"template"`` (the GGUF chat template) or ``"paper"`` (no system turn at all when
+            ``system_prompt`` is ``None``, as the paper; :attr:`pyrefusal.backend.Runtime.prompt_format`).
         token_method: ``"derive"`` refusal tokens from the model's refusals (table fallback) or ``"table"``.
         n_token_probe / token_max_new_tokens: prompts and tokens generated to derive refusal tokens.
         refusal_openings: explicit refusal openings per language (override), e.g. ``{"de": ("Ich",)}``.
@@ -1127,6 +1129,7 @@ class TransferConfig:
     detector: str = "multilingual"
     filter: bool = True
     system_prompt: str | None = None
+    prompt_format: str = "template"
     token_method: str = "derive"
     n_token_probe: int = 32
     token_max_new_tokens: int = 8
@@ -1163,7 +1166,10 @@ _RESUMABLE_KEYS = {"sources", "targets", "random_control", "n_threads", "n_gpu_l
 
 
 def _check_config(out: Path, config: TransferConfig, force: bool) -> None:
-    new = check_config(out, config.to_dict(), what="transfer run", force=force, resumable=_RESUMABLE_KEYS)
+    defaults = {f.name: f.default for f in fields(TransferConfig) if f.default is not MISSING}
+    new = check_config(
+        out, config.to_dict(), what="transfer run", force=force, resumable=_RESUMABLE_KEYS, defaults=defaults
+    )
     if force:
         for name in ("completions.jsonl", "transfer.json", "report.md"):
             (out / name).unlink(missing_ok=True)
@@ -1205,6 +1211,8 @@ def run_transfer(
     """
     from pyrefusal.backend import Runtime, build_info
 
+    if config.prompt_format not in ("template", "paper"):
+        raise PyrefusalError(f"unknown prompt_format {config.prompt_format!r}; choose 'template' or 'paper'")
     if config.condition not in TRANSFER_CONDITIONS:
         raise PyrefusalError(
             f"unknown transfer condition {config.condition!r}; choose from {list(TRANSFER_CONDITIONS)}"
@@ -1238,6 +1246,7 @@ def run_transfer(
             n_threads=config.n_threads,
         )
         timings["load_model"] = time.perf_counter() - t
+        rt.prompt_format = config.prompt_format  # type: ignore[assignment]
         detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
         try:
             t = time.perf_counter()

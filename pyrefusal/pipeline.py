@@ -75,6 +75,7 @@ class RunConfig:
     selection_mode: str = "lazy"
     refusal_openings: tuple[str, ...] = ()
     system_prompt: str | None = None
+    prompt_format: str = "template"  # "template" (GGUF chat template, its default system prompt) or "paper"
     detector: str = "multilingual"
     judge: str = "none"  # "none", "wildguard", "llama-guard-3"
     judge_model: str | None = None
@@ -126,6 +127,8 @@ class RunConfig:
             raise PyrefusalError(
                 "--judge-model / --judge-translator only take effect with --judge wildguard|llama-guard-3; add --judge"
             )
+        if self.prompt_format not in ("template", "paper"):
+            raise PyrefusalError(f"unknown prompt_format {self.prompt_format!r}; choose 'template' or 'paper'")
         if self.steering not in ("auto", "hook", "graph"):
             raise PyrefusalError(f"unknown steering {self.steering!r}; choose 'auto', 'hook' or 'graph'")
 
@@ -512,6 +515,7 @@ def run_pipeline(
         )
         timings["load_model"] = time.perf_counter() - t
         try:
+            rt.prompt_format = config.prompt_format  # type: ignore[assignment]
             _check_model(paths, rt.sha256)
             return _run(rt, data, config, paths, timings, t_all, log, progress)
         finally:

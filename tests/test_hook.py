@@ -201,3 +201,55 @@ def test_hook_counters_and_node_listing(rt):
     s = rt.hook.stats()
     assert s["observed"] == 1 + 2 * rt.n_layer  # embd + ffn_inp + l_out per layer, one decode
     assert s["device_nodes"] == 0 and s["rows_ablated"] > 0
+
+
+# A Qwen2.5-style ChatML template: a default system prompt when the conversation has none.
+_DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful bot.<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_paper_prompt_format_has_no_system_turn(tmp_path):
+    path = tmp_path / "default-system.gguf"
+    write_tiny_gguf(path, chat_template=_DEFAULT_SYSTEM_TEMPLATE)
+    rt = Runtime(path, n_ctx=256, n_seq_max=2, n_threads=1)
+    try:
+        assert rt.format_chat("Hi").startswith("<|im_start|>system\nYou are a helpful bot.")
+        template_eoi = rt.eoi_tokens()
+        rt.prompt_format = "paper"
+        # the tiny (llama-vocab) tokenizer adds BOS, so the paper's prompt starts with it, once
+        assert rt.meta("tokenizer.ggml.add_bos_token") == "true"
+        assert rt.format_chat("Hi") == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        assert rt.chat_tokens("Hi")[:2] == [1, 3]  # <s> <|im_start|>
+        assert rt.eoi_tokens() == template_eoi  # same post-instruction tokens, recomputed
+        # an explicit system prompt goes through the template in either format
+        assert rt.format_chat("Hi", "Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+        with pytest.raises(ValueError, match="template' or 'paper"):
+            rt.prompt_format = "none"  # type: ignore[assignment]
+    finally:
+        rt.close()
+    # a template of another family, or ChatML with other role names, is refused with the way out
+    for name, template in (
+        ("inst", "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"),
+        (
+            "human",
+            (
+                "{% for m in messages %}{{ '<|im_start|>human\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                "{{ '<|im_start|>bot\\n' }}"
+            ),
+        ),
+    ):
+        other = tmp_path / f"{name}.gguf"
+        write_tiny_gguf(other, chat_template=template)
+        rt = Runtime(other, n_ctx=256, n_seq_max=2, n_threads=1)
+        try:
+            rt.prompt_format = "paper"
+            with pytest.raises(ModelError, match="--prompt-format template"):
+                rt.format_chat("Hi")
+        finally:
+            rt.close()

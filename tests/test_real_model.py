@@ -34,6 +34,11 @@ def test_qwen2_graph_and_template(default_model):
         eoi = rt.eoi_tokens()
         assert eoi == [151645, 198, 151644, 77091, 198]  # <|im_end|> \n <|im_start|> assistant \n
         assert rt.chat_tokens("How do I bake bread?")[-5:] == eoi
+        # the GGUF template adds Qwen's default system prompt; the paper's format (method.md §2) has none
+        assert "You are Qwen, created by Alibaba Cloud" in rt.format_chat("Hi")
+        rt.prompt_format = "paper"
+        assert rt.format_chat("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # no BOS for Qwen
+        assert rt.eoi_tokens() == eoi
 
 
 def test_english_direction_switches_refusal_off_and_random_does_not(default_model, polyrefuse_dir, tmp_path):
