@@ -474,6 +474,16 @@ class Runtime:
         return self.format_messages(messages)
 
     @property
+    def family(self) -> str | None:
+        """The paper's model family this model belongs to (``"qwen2"``, ``"llama3"``, ``"gemma2"``) or None;
+        it picks the paper's refusal tokens (:data:`pyrefusal.selection.PAPER_REFUSAL_OPENINGS`)."""
+        if self.arch in ("qwen2", "gemma2"):
+            return self.arch
+        if self.arch == "llama" and "<|start_header_id|>" in (self.chat_template or ""):
+            return "llama3"
+        return None
+
+    @property
     def prompt_format(self) -> PromptFormat:
         """How a prompt without a system message is rendered: ``"template"`` (the GGUF chat template,
         with the default system prompt it may add, as llama.cpp chat apps do) or ``"paper"`` (the user

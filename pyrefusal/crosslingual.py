@@ -8,7 +8,8 @@ removes refusal in every Y. The stages:
 1. **Refusal tokens for any language** (:func:`derive_refusal_tokens`). The paper hard-codes the
    first tokens of refusals for 8 languages (§4.1). Here they are measured instead: generate a few
    greedy tokens for harmful train prompts, keep the responses a refusal detector flags, count
-   their first generated token. The paper's table (:data:`pyrefusal.selection.REFUSAL_OPENINGS`)
+   their first generated token. The paper's table for the model's family
+   (:data:`pyrefusal.selection.PAPER_REFUSAL_OPENINGS`, else :data:`pyrefusal.selection.REFUSAL_OPENINGS`)
    is the fallback, and explicit openings override both.
 2. **One direction per source language** (:func:`extract_language_directions`): the pipeline's
    stages 2-3 (capture at the post-instruction positions, filter by refusal score, difference
@@ -58,9 +59,10 @@ from pyrefusal.extraction import NO_VAL_FILTER, extract_candidates, filter_by_re
 from pyrefusal.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
 from pyrefusal.selection import (
-    REFUSAL_OPENINGS,
+    PAPER_REFUSAL_OPENINGS,
     Selection,
     SelectionRule,
+    refusal_openings,
     refusal_token_ids,
     select_direction,
 )
@@ -92,8 +94,9 @@ class RefusalTokens:
         ids: token ids, most frequent first for derived tokens.
         strings: ``ids`` decoded, one string per id.
         method: how they were obtained: ``"derived"`` (first tokens of the model's own refusals, each seen
-            at least ``min_count`` times), ``"table"`` (tokenized :data:`REFUSAL_OPENINGS`, requested or
-            as fallback when too few refusals were found), ``"derived-weak"`` (derived tokens seen fewer
+            at least ``min_count`` times), ``"paper"`` / ``"table"`` (the paper's openings for the model's
+            family, else :data:`REFUSAL_OPENINGS`, tokenized; requested or as fallback when too few refusals
+            were found), ``"derived-weak"`` (derived tokens seen fewer
             than ``min_count`` times, used only when the language has no table entry) or ``"override"``
             (explicit openings given by the user).
         counts: first-token id -> number of refusals that start with it (empty when nothing was generated).
@@ -166,14 +169,17 @@ def table_refusal_tokens(
     openings: Sequence[str] | None = None,
     *,
     note: str = "",
+    family: str | None = None,
 ) -> RefusalTokens:
-    """Refusal tokens from openings: explicit ones (``method="override"``) or :data:`REFUSAL_OPENINGS`.
+    """Refusal tokens from openings: explicit ones (``method="override"``), the paper's for a model of
+    ``family`` (``"paper"``, :data:`~pyrefusal.selection.PAPER_REFUSAL_OPENINGS`) or :data:`REFUSAL_OPENINGS`.
 
     Raises:
         PyrefusalError: no openings given and none known for ``lang``.
     """
-    ids = refusal_token_ids(tokenize, lang, openings or None)
-    method = "override" if openings else "table"
+    ids = refusal_token_ids(tokenize, lang, openings or None, family)
+    paper = lang in PAPER_REFUSAL_OPENINGS.get(family or "", {})
+    method = "override" if openings else "paper" if paper else "table"
     return RefusalTokens(lang=lang, ids=ids, strings=[detokenize([i]) for i in ids], method=method, note=note)
 
 
@@ -235,8 +241,11 @@ def derive_refusal_tokens(
         f"{n_ref}/{len(prompts)} responses were refusals (need {min_refusals}) and "
         f"{len(ids)} first token(s) occurred >= {min_count} times"
     )
-    if REFUSAL_OPENINGS.get(lang):
-        fallback = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, note=f"table fallback: {why}")
+    family = getattr(runtime, "family", None)
+    if refusal_openings(lang, family):
+        fallback = table_refusal_tokens(
+            runtime.tokenize, runtime.detokenize, lang, note=f"table fallback: {why}", family=family
+        )
         return replace(fallback, **common)
     weak = pick_refusal_tokens(counts, top_k=top_k, min_count=1)
     if not weak:
@@ -442,7 +451,8 @@ def extract_language_directions(
         elif openings and openings.get(lang):
             toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, openings[lang])
         elif token_method == "table":
-            toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang)
+            family = getattr(runtime, "family", None)
+            toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, family=family)
         else:
             t = time.perf_counter()
             probe = _probe_prompts(data, lang, n_token_probe, seed)

@@ -292,14 +292,14 @@ def _first_token_refusal(
     ``save`` after each language.
     """
     from pyrefusal.judge import first_token_refusal
-    from pyrefusal.selection import REFUSAL_OPENINGS
+    from pyrefusal.selection import refusal_openings
 
     for lang, kinds in test.items():
         prompts = kinds.get("harmful", [])
         todo = [c for c in config.conditions if c not in out.get(lang, {})]
         if not prompts or not todo:
             continue
-        openings = REFUSAL_OPENINGS.get(lang) or REFUSAL_OPENINGS["en"]
+        openings = refusal_openings(lang, rt.family) or refusal_openings("en", rt.family)
         ids = refusal_token_ids(lambda w: rt.tokenize(w), lang, openings)
         toks = [rt.chat_tokens(p.text, system) for p in prompts]
         for cond in todo:
@@ -536,7 +536,9 @@ def _run(
     fmt = lambda ps: [rt.chat_tokens(p.text, system) for p in ps]  # noqa: E731
     eoi = rt.eoi_tokens(system)
     positions = tuple(range(-len(eoi), 0))
-    refusal_ids = refusal_token_ids(lambda w: rt.tokenize(w), config.source_lang, config.refusal_openings or None)
+    refusal_ids = refusal_token_ids(
+        lambda w: rt.tokenize(w), config.source_lang, config.refusal_openings or None, rt.family
+    )
     log(
         f"post-instruction tokens {eoi} -> positions {positions}; refusal tokens {refusal_ids} "
         f"({[rt.detokenize([i]) for i in refusal_ids]})"

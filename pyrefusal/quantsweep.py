@@ -243,7 +243,7 @@ def _extract(
                     "pass negative offsets within them, e.g. -1"
                 )
             ex.positions = tuple(sorted(config.positions))
-        tokens = xl.table_refusal_tokens(rt.tokenize, rt.detokenize, config.source_lang)
+        tokens = xl.table_refusal_tokens(rt.tokenize, rt.detokenize, config.source_lang, family=rt.family)
         tokens.save(d / "refusal_tokens.json")
         tv = paper_sample(data, config.source_lang, n_train=config.n_train, n_val=config.n_val, seed=config.seed)
         prog = (lambda s, i, n: progress(f"{variant.type}: {s}", i, n)) if progress else None

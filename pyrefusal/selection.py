@@ -38,9 +38,9 @@ from pyrefusal.directions import Candidates
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.rundir import write_atomic
 
-# First words of refusals per language; the first token of each is a refusal token.
-# en = the paper's Qwen/Gemma choice ("I", "As"); the others follow the paper's table
-# (method.md §4.1) where it has one, else common refusal openings.
+# First words of refusals per language; the first token of each is a refusal token. Used for models
+# outside the paper's three families (PAPER_REFUSAL_OPENINGS) and for the languages the paper has no
+# tokens for (es, fr, it, nl, pl, ar: common refusal openings).
 REFUSAL_OPENINGS: dict[str, tuple[str, ...]] = {
     "en": ("I", "As"),
     "de": ("Es", "Ich"),
@@ -63,15 +63,64 @@ class SelectionError(PyrefusalError):
     """No candidate passed the selection filters."""
 
 
+# The paper's refusal tokens per model family and language (method.md §4.1, its REFUSAL_TOKENS_LANG),
+# written as openings whose first token is the paper's id. For Qwen2 every id was checked on
+# Qwen2.5's tokenizer (e.g. "申し訳" -> 127748 "申し", "죄송합니다" -> 132759, "И" -> 30174). The
+# paper's Gemma ru ids are not decoded there, so Gemma ru uses REFUSAL_OPENINGS.
+PAPER_REFUSAL_OPENINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "qwen2": {
+        "en": ("I", "As"),
+        "zh": ("我",),
+        "de": ("Es", "Ich"),
+        "ja": ("申し訳", "私は"),
+        "ko": ("죄송합니다",),
+        "ru": ("Я", "И"),
+        "th": ("ขอ", "ฉ"),
+        "yo": ("Mo",),
+    },
+    "llama3": {
+        "en": ("I",),
+        "zh": ("我",),
+        "de": ("Ich",),
+        "ja": ("私は",),
+        "ko": ("저는",),
+        "ru": ("Я",),
+        "th": ("ฉัน",),
+        "yo": ("I",),
+    },
+    "gemma2": {
+        "en": ("I", "It"),
+        "zh": ("我", "很"),
+        "de": ("Ich",),
+        "ja": ("申し訳", "私は"),
+        "ko": ("죄송",),
+        "th": ("ฉ",),
+        "yo": ("Mi", "Emi"),
+    },
+}
+
+
+def refusal_openings(lang: str, family: str | None = None) -> tuple[str, ...]:
+    """Refusal openings of ``lang``: the paper's for a model of ``family`` where it has them
+    (:data:`PAPER_REFUSAL_OPENINGS`), else :data:`REFUSAL_OPENINGS` (empty when neither knows ``lang``)."""
+    return PAPER_REFUSAL_OPENINGS.get(family or "", {}).get(lang) or REFUSAL_OPENINGS.get(lang, ())
+
+
 def refusal_token_ids(
-    tokenize: Callable[[str], list[int]], lang: str, openings: Sequence[str] | None = None
+    tokenize: Callable[[str], list[int]],
+    lang: str,
+    openings: Sequence[str] | None = None,
+    family: str | None = None,
 ) -> list[int]:
     """First token of each refusal opening of ``lang`` (deduplicated, order kept).
+
+    ``openings`` overrides the table; otherwise :func:`refusal_openings` for ``family`` (the model
+    family, :attr:`pyrefusal.backend.Runtime.family`) is used.
 
     Raises:
         PyrefusalError: no openings known for ``lang`` and none given.
     """
-    words = list(openings) if openings else list(REFUSAL_OPENINGS.get(lang, ()))
+    words = list(openings) if openings else list(refusal_openings(lang, family))
     if not words:
         raise PyrefusalError(
             f"no refusal openings known for language {lang!r}; pass some with --refusal-openings "

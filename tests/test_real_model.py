@@ -14,6 +14,7 @@ from pyrefusal.backend import Runtime
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.pipeline import RunConfig, run_pipeline
 from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+from pyrefusal.selection import refusal_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,20 @@ def test_qwen2_graph_and_template(default_model):
         rt.prompt_format = "paper"
         assert rt.format_chat("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # no BOS for Qwen
         assert rt.eoi_tokens() == eoi
+        # the paper's refusal token ids for Qwen2 (method.md §4.1), from the openings of its family
+        assert rt.family == "qwen2"
+        paper_ids = {
+            "en": [40, 2121],
+            "zh": [35946],
+            "de": [17360, 40369],
+            "ja": [127748, 128976],
+            "ko": [132759],
+            "ru": [85391, 30174],
+            "th": [126331, 124430],
+            "yo": [25612],
+        }
+        for lang, ids in paper_ids.items():
+            assert refusal_token_ids(rt.tokenize, lang, family=rt.family) == ids, lang
 
 
 def test_english_direction_switches_refusal_off_and_random_does_not(default_model, polyrefuse_dir, tmp_path):
