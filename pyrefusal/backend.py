@@ -582,6 +582,23 @@ class Runtime:
             self._graph_names = names
         return self._graph_names
 
+    def check_residual_nodes(self) -> None:
+        """Fail before any work if this model's graph lacks a residual node the interventions edit.
+
+        Raises:
+            HookError: an architecture whose graph names its residual stream differently (pyrefusal
+                knows :data:`KNOWN_ARCHITECTURES`); the message lists this graph's layer-0 nodes.
+        """
+        wanted = set(self.nodes.ablation_nodes(self.n_layer))
+        missing = sorted(wanted - self.graph_node_names())
+        if missing:
+            raise HookError(
+                f"the {self.arch!r} graph has no node(s) {missing[:6]}, which pyrefusal edits to ablate and add "
+                f"directions; it knows the residual nodes of {sorted(KNOWN_ARCHITECTURES)}. Node names of this "
+                f"model: {sorted(n for n in self.graph_node_names() if n.endswith('-0'))}. Use a model of a "
+                "known architecture, or add its node names to pyrefusal.backend.KNOWN_ARCHITECTURES."
+            )
+
     def set_plan(
         self,
         plan: dict[str, PlanEntry],

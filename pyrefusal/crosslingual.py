@@ -1259,6 +1259,7 @@ def run_transfer(
         rt.prompt_format = config.prompt_format  # type: ignore[assignment]
         detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
         try:
+            rt.check_residual_nodes()  # before any extraction
             t = time.perf_counter()
             directions = extract_language_directions(
                 rt,

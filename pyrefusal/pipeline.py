@@ -516,6 +516,7 @@ def run_pipeline(
         timings["load_model"] = time.perf_counter() - t
         try:
             rt.prompt_format = config.prompt_format  # type: ignore[assignment]
+            rt.check_residual_nodes()  # before hours of extraction, not after
             _check_model(paths, rt.sha256)
             return _run(rt, data, config, paths, timings, t_all, log, progress)
         finally:
