@@ -8,7 +8,7 @@ import pytest
 from pyrefusal import intervention as iv
 from pyrefusal.backend import Runtime
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
-from tests.tiny_model import orthogonalize, reference_residuals, write_tiny_gguf
+from tests.tiny_model import orthogonalize, reference_residuals, write_tiny_gemma2_gguf, write_tiny_gguf
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
 
@@ -253,3 +253,30 @@ def test_paper_prompt_format_has_no_system_turn(tmp_path):
                 rt.format_chat("Hi")
         finally:
             rt.close()
+
+
+def test_gemma2_residual_nodes_scaled_embeddings_and_exact_ablation(tmp_path):
+    """Gemma 2 (sandwich norms, sqrt(d)-scaled embeddings, tied head): the hook edits its own nodes."""
+    path = tmp_path / "gemma2.gguf"
+    w = write_tiny_gemma2_gguf(path)
+    with Runtime(path, n_ctx=512, n_seq_max=4, n_threads=1) as rt:
+        assert (rt.arch, rt.family, rt.nodes.block_input(0)) == ("gemma2", "gemma2", "inp_scaled")
+        rt.check_residual_nodes()  # every node the interventions edit exists
+        prompts = [rt.chat_tokens(p) for p in PROMPTS]
+        acts, _ = rt.capture(prompts, positions=[-1, -2])  # (n, 2, n_layer + 1, n_embd)
+        # block input 0 is the embedding row scaled by sqrt(n_embd), as the Gemma graph computes it
+        emb = w["token_embd.weight"]  # (n_vocab, n_embd)
+        for i, toks in enumerate(prompts):
+            np.testing.assert_allclose(acts[i, 0, 0], emb[toks[-1]] * np.sqrt(emb.shape[1]), rtol=1e-5, atol=1e-5)
+        # ablation at every residual write leaves no component along r at any block input
+        r = np.random.default_rng(3).standard_normal(rt.n_embd).astype(np.float32)
+        r /= np.linalg.norm(r)
+        before = np.abs(acts @ r).max()
+        abl, _ = rt.capture(prompts, positions=[-1, -2], ablation=r[None, :])
+        after = np.abs(abl @ r) / np.linalg.norm(abl, axis=-1)
+        assert before > 0.1 and after.max() < 1e-5
+        # weight edits cannot reproduce this through the post-norms: the in-graph path is refused, the hook used
+        assert iv.arm(rt, iv.ablation(r), path="auto") == "hook"
+        gens = rt.generate(prompts[:2], max_new_tokens=4)
+        rt.clear_plan()
+        assert all(len(g.tokens) >= 1 for g in gens)

@@ -522,3 +522,76 @@ def orthogonalize(weights: dict[str, np.ndarray], direction: np.ndarray) -> dict
             continue
         out[name] = np.ascontiguousarray(new, dtype=np.asarray(w).dtype)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Gemma 2 variant (post-sublayer "sandwich" norms, scaled embeddings, tied LM head)
+# ---------------------------------------------------------------------------
+
+
+def gemma2_weight_shapes(spec: TinySpec, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """NumPy shapes of a tiny ``gemma2`` model: the llama tensors, plus ``post_attention_norm`` and
+    ``post_ffw_norm`` per block, and no ``output.weight`` (the LM head is the embedding matrix)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in weight_shapes(spec, vocab_size).items():
+        if name == "output.weight":
+            continue
+        shapes[name] = shape
+        if name.endswith(".attn_output.weight"):
+            shapes[name.replace("attn_output", "post_attention_norm")] = (spec.n_embd,)
+        if name.endswith(".ffn_down.weight"):
+            shapes[name.replace("ffn_down", "post_ffw_norm")] = (spec.n_embd,)
+    return shapes
+
+
+def write_tiny_gemma2_gguf(path: Path, spec: TinySpec | None = None, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a tiny all-F32 ``gemma2`` GGUF (random weights, the tiny tokenizer and ChatML template).
+
+    Returns:
+        The float32 weights written, keyed by tensor name.
+    """
+    spec = spec if spec is not None else TinySpec()
+    n_vocab = len(TINY_VOCAB)
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in gemma2_weight_shapes(spec, n_vocab).items():
+        if len(shape) == 1:
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name == "token_embd.weight":  # also the LM head: keep logits O(_LOGIT_STD) for a unit-RMS state
+            w = rng.standard_normal(shape) * (_LOGIT_STD / np.sqrt(shape[1]))
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[1])
+        out[name] = np.ascontiguousarray(w, dtype=np.float32)
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    try:
+        add_model_metadata(
+            writer,
+            name="pyrefusal-tiny-gemma2",
+            file_type=gguf.LlamaFileType.ALL_F32,
+            sizes=ModelSizes(
+                spec.n_ctx_train,
+                spec.n_embd,
+                spec.n_layer,
+                spec.n_ff,
+                spec.n_head,
+                spec.n_head_kv,
+                spec.head_dim,
+                spec.rms_eps,
+                spec.rope_freq_base,
+            ),
+            vocab=SpmVocab(TINY_VOCAB.tokens, TINY_VOCAB.scores, TINY_VOCAB.types, UNK_ID, BOS_ID, EOS_ID, IM_END_ID),
+            chat_template=CHATML_TEMPLATE,
+        )
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
+        writer.add_sliding_window(4096)
+        for name, w in out.items():
+            writer.add_tensor(name, w)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return {k: v.copy() for k, v in out.items()}
