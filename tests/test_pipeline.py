@@ -483,3 +483,14 @@ def test_run_survives_damaged_files_and_guards_its_directory(tiny_model, polyref
         with pytest.raises(PyrefusalError, match=msg):
             run_pipeline(_config(path, data, **kw), tmp_path / "r5", **quiet)
     assert not (tmp_path / "r5").exists()
+
+
+def test_yoruba_source_keeps_every_val_prompt(tiny_model, polyrefuse_dir, tmp_path):
+    """The paper does not filter val prompts for yo/yi sources (method.md §1.4)."""
+    path, _ = tiny_model
+    logs: list[str] = []
+    cfg = _config(path, polyrefuse_dir, source_lang="yo", target_langs=("yo",), capability=False, n_test=2)
+    res = run_pipeline(cfg, tmp_path / "yo", log=logs.append)
+    assert any("val prompts not filtered" in m for m in logs)
+    kept = res["prompts"]
+    assert len(kept["harmful_val"]) == len(kept["harmless_val"]) == cfg.n_val
