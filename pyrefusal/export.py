@@ -522,6 +522,11 @@ def _support(h: GGUFHeader) -> LoraSupport:
         )
     if n_embd <= 0 or n_layer <= 0:
         return no(f"the GGUF lacks {arch}.embedding_length / {arch}.block_count")
+    if int(h.kv.get("split.count", 1) or 1) > 1:
+        return no(
+            f"{h.path.name} is shard 1 of a split GGUF ({h.kv['split.count']} files) and the weights are spread "
+            "over them; merge it into one file first (llama.cpp's `llama-gguf-split --merge`)"
+        )
     names = set(h.tensors)
     moe = sorted(n for n in names if "_exps." in n or "_shexp." in n or ".ffn_gate_inp." in n)
     if moe:
