@@ -352,6 +352,27 @@ class Runtime:
         self._prompt_format: PromptFormat = "template"
 
     @classmethod
+    def for_study(cls, config: Any, *, log: Callable[[str], None] | None = None) -> Runtime:
+        """Open the model of a run or transfer ``config`` (its ``model``, ``n_ctx``, ``n_seq_max``,
+        ``n_gpu_layers``, ``n_threads`` and ``prompt_format``) and check, before any work, that the
+        interventions can edit its graph (:meth:`check_residual_nodes`)."""
+        rt = cls.open(
+            config.model,
+            log=log,
+            n_ctx=config.n_ctx,
+            n_seq_max=config.n_seq_max,
+            n_gpu_layers=config.n_gpu_layers,
+            n_threads=config.n_threads,
+        )
+        try:
+            rt.prompt_format = config.prompt_format
+            rt.check_residual_nodes()
+        except BaseException:
+            rt.close()
+            raise
+        return rt
+
+    @classmethod
     def open(cls, spec: str, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> Runtime:
         """Resolve ``spec`` (registry name, local path or hub spec; see :func:`pyrefusal.registry.resolve_model`)
         and load it, carrying over its verified sha256 and registry name. ``kwargs`` go to the constructor.

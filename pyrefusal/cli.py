@@ -74,6 +74,17 @@ def _to_config(cls: type[C], kw: Mapping[str, Any], **special: Any) -> C:
     return cls(**values)
 
 
+_prompt_format_option = click.option(
+    "--prompt-format",
+    type=click.Choice(["template", "paper"]),
+    default="template",
+    show_default=True,
+    help="Without --system-prompt: 'template' renders the GGUF chat template, with the default system prompt it "
+    "may add (Qwen2.5: 'You are Qwen, created by Alibaba Cloud...'), as llama.cpp chat apps do; 'paper' renders "
+    "the user turn alone, no system turn, as the paper (ChatML, Llama 3 and Gemma templates).",
+)
+
+
 @click.group(context_settings={"auto_envvar_prefix": "PYREFUSAL", "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyrefusal")
 def main() -> None:
@@ -142,15 +153,7 @@ def doctor() -> None:
 @click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
 @click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
 @click.option("--system-prompt", default=None, help="System prompt (default: the chat template's own default).")
-@click.option(
-    "--prompt-format",
-    type=click.Choice(["template", "paper"]),
-    default="template",
-    show_default=True,
-    help="Without --system-prompt: 'template' renders the GGUF chat template, with the default system prompt it "
-    "may add (Qwen2.5: 'You are Qwen, created by Alibaba Cloud...'), as llama.cpp chat apps do; 'paper' renders "
-    "the user turn alone, no system turn, as the paper (ChatML, Llama 3 and Gemma templates).",
-)
+@_prompt_format_option
 @click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
 @click.option(
     "--judge",
@@ -279,14 +282,7 @@ def report(run_dir: Path, quiet: bool) -> None:
     help="Refusal tokens per language: from the model's own refusals, or the built-in table.",
 )
 @click.option("--refusal-openings", default="", help='Per-language overrides, e.g. "de=Ich,Es;ja=申し訳".')
-@click.option(
-    "--prompt-format",
-    type=click.Choice(["template", "paper"]),
-    default="template",
-    show_default=True,
-    help="'paper': no system turn at all, as the paper; 'template': the GGUF chat template and its default "
-    "system prompt (see `pyrefusal run --help`).",
-)
+@_prompt_format_option
 @click.option(
     "--random-control/--no-random-control",
     default=True,

@@ -1247,19 +1247,10 @@ def run_transfer(
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
         t = time.perf_counter()
-        rt = Runtime.open(
-            config.model,
-            log=log,
-            n_ctx=config.n_ctx,
-            n_seq_max=config.n_seq_max,
-            n_gpu_layers=config.n_gpu_layers,
-            n_threads=config.n_threads,
-        )
+        rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before any extraction
         timings["load_model"] = time.perf_counter() - t
-        rt.prompt_format = config.prompt_format  # type: ignore[assignment]
         detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
         try:
-            rt.check_residual_nodes()  # before any extraction
             t = time.perf_counter()
             directions = extract_language_directions(
                 rt,

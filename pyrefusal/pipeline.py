@@ -505,18 +505,9 @@ def run_pipeline(
                 raise DataError(f"language {lang!r} has no files in {data_dir}; available: {available}")
 
         t = time.perf_counter()
-        rt = Runtime.open(
-            config.model,
-            log=log,
-            n_ctx=config.n_ctx,
-            n_seq_max=config.n_seq_max,
-            n_gpu_layers=config.n_gpu_layers,
-            n_threads=config.n_threads,
-        )
+        rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before hours of extraction
         timings["load_model"] = time.perf_counter() - t
         try:
-            rt.prompt_format = config.prompt_format  # type: ignore[assignment]
-            rt.check_residual_nodes()  # before hours of extraction, not after
             _check_model(paths, rt.sha256)
             return _run(rt, data, config, paths, timings, t_all, log, progress)
         finally:

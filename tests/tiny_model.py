@@ -58,6 +58,7 @@ one after *every* special token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,11 +352,25 @@ def write_tiny_gguf(
             raise ValueError(f"{name}: expected shape {shape}, got {w.shape}")
         out[name] = w
 
-    writer = gguf.GGUFWriter(str(path), spec.arch)  # also writes general.architecture
+    _write_f32_gguf(path, spec.arch, "pyrefusal-tiny", spec, out, chat_template)
+    return {k: v.copy() for k, v in out.items()}
+
+
+def _write_f32_gguf(
+    path: Path,
+    arch: str,
+    name: str,
+    spec: TinySpec,
+    tensors: dict[str, np.ndarray],
+    chat_template: str,
+    extra: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> None:
+    """Write an all-F32 GGUF of architecture ``arch`` with the tiny tokenizer; ``extra`` adds keys."""
+    writer = gguf.GGUFWriter(str(path), arch)  # also writes general.architecture
     try:
         add_model_metadata(
             writer,
-            name="pyrefusal-tiny",
+            name=name,
             file_type=gguf.LlamaFileType.ALL_F32,
             sizes=ModelSizes(
                 spec.n_ctx_train,
@@ -371,14 +386,15 @@ def write_tiny_gguf(
             vocab=SpmVocab(TINY_VOCAB.tokens, TINY_VOCAB.scores, TINY_VOCAB.types, UNK_ID, BOS_ID, EOS_ID, IM_END_ID),
             chat_template=chat_template,
         )
-        for name, w in out.items():
-            writer.add_tensor(name, w)
+        if extra is not None:
+            extra(writer)
+        for tensor_name, w in tensors.items():
+            writer.add_tensor(tensor_name, w)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    return {k: v.copy() for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -562,36 +578,13 @@ def write_tiny_gemma2_gguf(path: Path, spec: TinySpec | None = None, *, seed: in
         else:
             w = rng.standard_normal(shape) / np.sqrt(shape[1])
         out[name] = np.ascontiguousarray(w, dtype=np.float32)
-    writer = gguf.GGUFWriter(str(path), "gemma2")
-    try:
-        add_model_metadata(
-            writer,
-            name="pyrefusal-tiny-gemma2",
-            file_type=gguf.LlamaFileType.ALL_F32,
-            sizes=ModelSizes(
-                spec.n_ctx_train,
-                spec.n_embd,
-                spec.n_layer,
-                spec.n_ff,
-                spec.n_head,
-                spec.n_head_kv,
-                spec.head_dim,
-                spec.rms_eps,
-                spec.rope_freq_base,
-            ),
-            vocab=SpmVocab(TINY_VOCAB.tokens, TINY_VOCAB.scores, TINY_VOCAB.types, UNK_ID, BOS_ID, EOS_ID, IM_END_ID),
-            chat_template=CHATML_TEMPLATE,
-        )
+
+    def gemma2_keys(writer: gguf.GGUFWriter) -> None:
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
         writer.add_attn_logit_softcapping(50.0)
         writer.add_final_logit_softcapping(30.0)
         writer.add_sliding_window(4096)
-        for name, w in out.items():
-            writer.add_tensor(name, w)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+
+    _write_f32_gguf(path, "gemma2", "pyrefusal-tiny-gemma2", spec, out, CHATML_TEMPLATE, gemma2_keys)
     return {k: v.copy() for k, v in out.items()}
