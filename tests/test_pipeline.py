@@ -310,6 +310,7 @@ def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert (cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_new_tokens"]) == (128, 32, 2, 4)
+    assert cfg["prompt_format"] == "paper" and cfg["conditions"] == ["baseline"]
     r = runner.invoke(
         main,
         [
