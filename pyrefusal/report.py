@@ -35,6 +35,7 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             f"{d['refusal_score']:.3f} under ablation, KL {d['kl']:.4f}"
         ),
         f"- refusal tokens: {', '.join(repr(v) for v in d['refusal_tokens'].values())}",
+        _prompt_line(results["config"]),
         "",
         *([f"![candidate scores (position x layer)]({d['heatmap']})", ""] if d.get("heatmap") else []),
         *([f"![refusal rates (condition x language)]({results['figure']})", ""] if results.get("figure") else []),
@@ -89,6 +90,15 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
         lines += ["", f"Earlier invocations of this run directory (resumed since), total seconds: {totals}."]
     lines += ["", f"Versions: {results['versions']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _prompt_line(cfg: dict[str, Any]) -> str:
+    """How prompts were rendered: refusal rates with and without a system prompt are not comparable."""
+    if cfg.get("system_prompt") is not None:
+        return f"- prompts: the GGUF chat template with the system prompt {cfg['system_prompt']!r}"
+    if cfg.get("prompt_format", "template") == "paper":
+        return "- prompts: the paper's, the user turn alone with no system turn (`--prompt-format paper`)"
+    return "- prompts: the GGUF chat template, with its default system prompt if any (`--prompt-format template`)"
 
 
 def _capability_section(cap: dict[str, Any], conds: list[str]) -> list[str]:
