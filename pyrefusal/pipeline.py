@@ -268,12 +268,15 @@ def _sample_prompts(data: PolyRefuse, config: RunConfig, log: Log) -> dict[str, 
     return {"train_val": tv, "test": test, "missing": missing, "short": short}
 
 
-def _configured(
-    completions: list[Completion], test: dict[str, dict[str, list[Prompt]]], conditions: Sequence[str]
-) -> list[Completion]:
-    """The completions of this configuration's test prompts and conditions (a run extended and then
-    narrowed again keeps the others in ``completions.jsonl``)."""
-    wanted = {(p.id, c) for kinds in test.values() for ps in kinds.values() for p in ps for c in conditions}
+def _wanted(test_ids: Mapping[str, Mapping[str, Sequence[str]]], conditions: Sequence[str]) -> set[tuple[str, str]]:
+    """``(prompt id, condition)`` of every completion a configuration asks for, from its test prompt ids
+    (``{lang: {kind: [id, ...]}}``, as ``prompts.json`` stores them)."""
+    return {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
+
+
+def _configured(completions: list[Completion], wanted: set[tuple[str, str]]) -> list[Completion]:
+    """The completions a configuration asks for (:func:`_wanted`): a run extended and then narrowed
+    again keeps the others in ``completions.jsonl``."""
     return [c for c in completions if (c.prompt_id, c.condition) in wanted]
 
 
@@ -314,7 +317,6 @@ def _first_token_refusal(
 def _capability(
     rt: Runtime,
     data: PolyRefuse,
-    tv: dict[str, list[Prompt]],
     interventions: dict[str, iv.Intervention],
     config: RunConfig,
     fmt: Callable[[list[Prompt]], list[list[int]]],
@@ -632,7 +634,7 @@ def _run(
     prompts_record["test"] = {lang: {k: [p.id for p in v] for k, v in kinds.items()} for lang, kinds in test.items()}
     write_atomic(paths.prompts, json.dumps(prompts_record, indent=1))
     total = sum(len(v) for kinds in test.values() for v in kinds.values()) * len(config.conditions)
-    wanted = {(p.id, c) for kinds in test.values() for ps in kinds.values() for p in ps for c in config.conditions}
+    wanted = _wanted(prompts_record["test"], config.conditions)
     finished = len(done & wanted)  # of this configuration (the file may hold others: a narrowed run)
     for cond in config.conditions:
         for kinds in test.values():
@@ -661,7 +663,7 @@ def _run(
             )
     timings["generation"] = time.perf_counter() - t
 
-    completions = _configured(read_jsonl(paths.completions), test, config.conditions)
+    completions = _configured(read_jsonl(paths.completions), wanted)
 
     # -- stage 4b: judge-free first-token refusal, capability side effects, optional judge ----
     t = time.perf_counter()
@@ -681,11 +683,12 @@ def _run(
     # the steering path of each condition, over every invocation that generated some of its completions
     used = metrics.setdefault("steering", {})
     for cond, route in routes.items():
-        used[cond] = route if used.get(cond) in (None, route) else "+".join(sorted({*used[cond].split("+"), route}))
+        earlier = set(used[cond].split("+")) if cond in used else set()
+        used[cond] = "+".join(sorted(earlier | {route}))  # "hook", "graph", or "graph+hook" if it changed
     save_metrics()
     _first_token_refusal(rt, test, interventions, config, system, metrics["first_token"], save_metrics)
     if config.capability:
-        _capability(rt, data, tv, interventions, config, fmt, metrics["capability"], save_metrics)
+        _capability(rt, data, interventions, config, fmt, metrics["capability"], save_metrics)
     first_token = {lang: metrics["first_token"].get(lang, {}) for lang in test}
     capability = {c: metrics["capability"][c] for c in config.conditions if c in metrics["capability"]}
     timings["metrics"] = time.perf_counter() - t
@@ -774,10 +777,8 @@ def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
     with RunLock(paths.root):
         results = json.loads(paths.results.read_text())
         cfg = results["config"]
-        conditions = list(cfg["conditions"])
-        test_ids = (results.get("prompts") or {}).get("test") or {}
-        wanted = {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
-        completions = [c for c in read_jsonl(paths.completions) if (c.prompt_id, c.condition) in wanted]
+        wanted = _wanted((results.get("prompts") or {}).get("test") or {}, cfg["conditions"])
+        completions = _configured(read_jsonl(paths.completions), wanted)
         if wanted and not completions:
             raise PyrefusalError(f"{paths.completions} has none of this run's completions; re-run `pyrefusal run`")
         old = results.get("evaluation") or {}
