@@ -510,7 +510,7 @@ class Runtime:
         it picks the paper's refusal tokens (:data:`pyrefusal.selection.PAPER_REFUSAL_OPENINGS`)."""
         if self.arch in ("qwen2", "gemma2"):
             return self.arch
-        if self.arch == "llama" and "<|start_header_id|>" in (self.chat_template or ""):
+        if self.arch == "llama" and PAPER_USER_TURNS["llama3"][0] in (self.chat_template or ""):
             return "llama3"
         return None
 
