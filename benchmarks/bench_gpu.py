@@ -9,7 +9,7 @@ prompt and generation tokens/s of:
 * ``hook_ablation``  directional ablation by the hook at every residual write (1 + 2 n_layer nodes;
   the CUDA kernel edits device tensors in place when pyrefusal is built with ``PYREFUSAL_CUDA=ON``)
 * ``lora_ablation``  the same ablation in llama.cpp's graph, as a rank-1 LoRA adapter
-  (``pyrefusal.export.export_ablation_lora``; skipped with a note when that is not importable)
+  (``pyrefusal.steering.export.export_ablation_lora``; skipped with a note when that is not importable)
 * ``cvec``           activation addition at one layer through llama.cpp's control vector (in graph)
 * ``hook_addition``  the same addition through the hook
 * ``paper``          the paper's stack, transformers + torch in bf16 with eager attention and its
@@ -20,7 +20,7 @@ It then checks the issue's targets (hook ablation >= 0.80x plain at 1 sequence a
 the fastest exact ablation path >= 0.95x; ablated pyrefusal >= 15x the paper's stack at 1 sequence
 and >= 4x at 64; the paper's full protocol on a 7B model in < 15 min on one GPU; the 8B pipeline
 within 8 GiB of GPU memory), estimates the paper's end-to-end protocol from the measured rates
-(method.md §10 counts), and measures the peak GPU memory of the pipeline on the 8B Q4_K_M model in
+(docs/method.md §10 counts), and measures the peak GPU memory of the pipeline on the 8B Q4_K_M model in
 a child process (nvidia-smi sampling, plus llama.cpp's own buffer sizes).
 
 Writes ``<results>/<gpu-name>-<date>.json`` and ``.md`` (``cpu-smoke-<date>`` without a GPU), after
@@ -62,8 +62,8 @@ import llama_cpp  # noqa: F401  (before numpy: required in CUDA processes)
 import numpy as np
 from typing_extensions import Self
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import PlanEntry, Runtime, build_info
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import PlanEntry, Runtime, build_info
 
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "capture", "hook_ablation", "lora_ablation", "cvec", "hook_addition")
@@ -83,11 +83,11 @@ T_HOOK_1, T_HOOK_MAX, T_EXACT = 0.80, 0.90, 0.95
 T_PAPER_1, T_PAPER_MAX = 15.0, 4.0
 T_E2E_MIN, T_MEM_GIB = 15.0, 8.0
 
-# The paper's protocol (method.md §10).
+# The paper's protocol (docs/method.md §10).
 N_LANGS, N_TEST, N_TRAIN, N_VAL, N_POS, MAX_NEW = 14, 572, 128, 32, 5, 512
 JUDGE_PROMPT, JUDGE_GEN = 1000, 32  # WildGuard: ~1k-token input, <= 32 new tokens per completion
 
-# Pipeline defaults for the memory probe (pyrefusal.pipeline.RunConfig; n_batch is Runtime's default).
+# Pipeline defaults for the memory probe (pyrefusal.studies.run.RunConfig; n_batch is Runtime's default).
 PIPELINE_N_CTX, PIPELINE_N_SEQ = 8192, 16
 
 
@@ -241,11 +241,11 @@ def direction(n_embd: int, seed: int = 0) -> np.ndarray:
 
 
 def export_lora(model: Path, r: np.ndarray, out_dir: Path) -> tuple[Path | None, str, float]:
-    """Export the ablation LoRA with ``pyrefusal.export`` when available: (path or None, note, seconds)."""
+    """Export the ablation LoRA with ``pyrefusal.steering.export`` when available: (path or None, note, seconds)."""
     try:
-        from pyrefusal.export import export_ablation_lora
+        from pyrefusal.steering.export import export_ablation_lora
     except ImportError as e:
-        return None, f"lora_ablation skipped: pyrefusal.export.export_ablation_lora not importable ({e})", 0.0
+        return None, f"lora_ablation skipped: pyrefusal.steering.export.export_ablation_lora not importable ({e})", 0.0
     out = out_dir / f"{model.stem}-ablation-lora.gguf"
     t = time.perf_counter()
     try:
@@ -502,7 +502,7 @@ def _verdict(measured: float | None, target: float, higher_is_better: bool) -> s
 
 
 def e2e_estimate(shape: Any, rates: dict[str, float], len_base: float, len_abl: float, prompt_len: int) -> dict:
-    """Minutes of the paper's protocol at the measured rates (tok/s); method.md §10 counts.
+    """Minutes of the paper's protocol at the measured rates (tok/s); docs/method.md §10 counts.
 
     ``rates``: prompt/gen tok/s of plain, capture, hook_ablation, hook_addition at the largest batch.
     Selection counts all 6 passes of the paper's code over 5 positions x n_layer candidates x 32
@@ -732,10 +732,10 @@ def render_md(res: dict[str, Any]) -> str:
         "## End-to-end estimate of the paper's protocol (one GPU)",
         "",
         (
-            f"Counts from method.md §10 (5 positions x n_layer candidates, 32 val prompts, 14 languages x {N_TEST} "
+            f"Counts from docs/method.md §10 (5 positions x n_layer candidates, 32 val prompts, 14 languages x {N_TEST} "
             "prompts x 2 reported conditions), prompt tokens at the benchmark's prompt length, rates measured above "
             f"at the largest batch. `measured lengths` = mean completion lengths {s['len_baseline']:g} (baseline) and "
-            f"{s['len_ablated']:g} (ablated) tokens (the paper's content lengths, method.md §10); `max 512` = every "
+            f"{s['len_ablated']:g} (ablated) tokens (the paper's content lengths, docs/method.md §10); `max 512` = every "
             "completion runs to 512 tokens, as HF generate does in batches. Generation rates were measured on short "
             "contexts, so long completions will be somewhat slower. Judging (WildGuard-7B, one ~1k-token call per "
             "completion) and back-translation are not in the total; a rough judge time at the plain rates is listed."

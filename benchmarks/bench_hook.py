@@ -31,9 +31,9 @@ import llama_cpp  # noqa: F401  (before numpy)
 
 import numpy as np
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import PlanEntry, Runtime, build_info
-from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import PlanEntry, Runtime, build_info
 
 MODES = ("plain", "hook_idle", "capture", "ablation", "addition", "cvec", "lora", "merged")
 
@@ -104,7 +104,7 @@ def main() -> None:
     rows = []
     ctx = max(seqs) * (args.prompt_len + args.gen_len) + 64
     # The merged export bakes the same random direction into the weights (requantized to the base's types).
-    from pyrefusal.merge import export_merged
+    from pyrefusal.steering.merge import export_merged
 
     args.out.mkdir(parents=True, exist_ok=True)
     merged_path = args.out / ".bench-merged.gguf"

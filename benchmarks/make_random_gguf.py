@@ -61,7 +61,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from pyrefusal.synthetic import ModelSizes, SpmVocab, add_model_metadata
+from pyrefusal.data.synthetic import ModelSizes, SpmVocab, add_model_metadata
 
 # --- shapes ----------------------------------------------------------------------------------
 

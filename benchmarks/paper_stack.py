@@ -1,6 +1,6 @@
 """The paper's stack as a throughput reference: transformers + torch, bf16, eager attention, hooks.
 
-Wang et al. run every intervention as PyTorch hooks on a Hugging Face model (method.md §5.1):
+Wang et al. run every intervention as PyTorch hooks on a Hugging Face model (docs/method.md §5.1):
 directional ablation ``x <- x - (x . r̂) r̂`` in place, at every layer and position, through
 
 (a) a forward pre-hook on each decoder block (its input, the residual stream),

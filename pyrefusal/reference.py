@@ -8,7 +8,7 @@ own model code). Run it as a separate process; it must never share one with llam
     python -m pyrefusal.reference --model MODEL.gguf --tokens tokens.json --out acts.npz
 
 ``tokens.json`` is ``{"prompts": [[int, ...], ...], "positions": [-5, ..., -1]}`` (token ids
-from :meth:`pyrefusal.backend.Runtime.chat_tokens`; no tokenizer is loaded here). The output
+from :meth:`pyrefusal.runtime.runtime.Runtime.chat_tokens`; no tokenizer is loaded here). The output
 ``.npz`` holds ``acts`` float32 ``(n_prompts, n_positions, n_layer, n_embd)`` with the same
 block-input convention as :meth:`Runtime.capture` (index ``l`` = residual stream entering
 block ``l``; ``l = 0`` = embeddings) and ``logits`` float32 ``(n_prompts, n_vocab)`` at the

@@ -41,7 +41,7 @@ def _strip(x: Any) -> Any:
 def _cli(*args: str, env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pyrefusal.cli", *args]
     print("$ pyrefusal", " ".join(args), flush=True)
-    r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    r = subprocess.run(cmd, check=False, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout[-4000:], r.stderr[-4000:], sep="\n")
         raise SystemExit(f"command failed: {cmd}")

@@ -198,7 +198,7 @@ test_phase() {
   PYREFUSAL_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH" \
     $PY -m pip install --no-build-isolation --no-deps --upgrade --target "$SITE" . > "$LOGS/pyrefusal-build.log" 2>&1 \
     || { tail -50 "$LOGS/pyrefusal-build.log"; exit 1; }
-  $PY -c 'import llama_cpp, pyrefusal._core as c; from pyrefusal.backend import build_info as b; i = b(); print({k: i[k] for k in ("cuda_kernel", "gpu_offload", "llama_cpp_python", "ggml_version")})' \
+  $PY -c 'import llama_cpp, pyrefusal._core as c; from pyrefusal.runtime.runtime import build_info as b; i = b(); print({k: i[k] for k in ("cuda_kernel", "gpu_offload", "llama_cpp_python", "ggml_version")})' \
     | tee "$LOGS/build-info.txt"
   log "pytest -m gpu tests/test_cuda.py"
   local rc=0

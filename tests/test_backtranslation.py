@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pyrefusal.backtranslation import PAPER_MAX_CHARS, BackTranslation, BackTranslator
+from pyrefusal.data.backtranslation import PAPER_MAX_CHARS, BackTranslation, BackTranslator
 from pyrefusal.errors import PyrefusalError
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrefusal.backend import Runtime
-from pyrefusal.build import (
+from pyrefusal.data.build import (
     DEFAULT_PROMPT_TEMPLATE,
     LANGUAGE_NAMES,
     LlamaTranslator,
@@ -22,8 +21,9 @@ from pyrefusal.build import (
     sidecar_path,
     similarity,
 )
-from pyrefusal.dataset import PolyRefuse
+from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.runtime.runtime import Runtime
 
 TRAIN = [
     {"instruction": "Write a guide on how to pick a lock", "category": None},
@@ -303,8 +303,8 @@ def test_llama_translator_prompt_and_batching(tiny_model):
 
 @pytest.mark.slow
 def test_real_model_translates_english_to_german(tmp_path):
+    from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
     from pyrefusal.errors import PyrefusalError as _Err
-    from pyrefusal.registry import DEFAULT_MODEL, resolve_model
 
     try:
         model = resolve_model(DEFAULT_MODEL, progress=False)
@@ -328,8 +328,8 @@ def test_cli_data_build_translates_prompts_as_requests(tiny_model, polyrefuse_di
 
     from click.testing import CliRunner
 
-    from pyrefusal.build import REQUEST_PROMPT_TEMPLATE
     from pyrefusal.cli import main
+    from pyrefusal.data.build import REQUEST_PROMPT_TEMPLATE
 
     data = tmp_path / "poly"
     data.mkdir()

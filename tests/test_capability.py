@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime
-from pyrefusal.capability import (
+from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.stages.measure import (
     CapabilityReport,
     capability_report,
     first_token_kl,
@@ -17,7 +18,6 @@ from pyrefusal.capability import (
     perplexity,
     text_nll,
 )
-from pyrefusal.errors import DataError, PyrefusalError
 from tests.tiny_model import BOS_ID, reference_logits
 
 TEXTS = ["Hello there, how are you?", "Tell me a story about the sea.", "I cannot help with that", "ok"]
@@ -132,7 +132,7 @@ def test_heldout_texts_sources(tmp_path, polyrefuse_dir):
 @pytest.mark.slow
 def test_real_model_perplexity_and_side_effects(polyrefuse_dir):
     """Qwen2.5-Coder-0.5B Q4_K_M: plausible perplexity on EN harmless val; a random ablation moves it."""
-    from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+    from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 
     try:
         model = resolve_model(DEFAULT_MODEL, progress=False)

@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyrefusal import plots
-from pyrefusal.backend import Generation, Runtime
-from pyrefusal.crosslingual import (
+from pyrefusal.data.polyrefuse import PolyRefuse, Prompt
+from pyrefusal.errors import PyrefusalError
+from pyrefusal.method.directions import Candidates
+from pyrefusal.method.refusal import SubstringDetector
+from pyrefusal.method.selection import CandidateScore, Selection, SelectionRule
+from pyrefusal.reporting import plots
+from pyrefusal.runtime.runtime import Generation, Runtime
+from pyrefusal.stages.generate import read_jsonl, wilson_interval
+from pyrefusal.studies.transfer import (
     LanguageDirection,
     RefusalTokens,
     TransferConfig,
@@ -33,12 +39,6 @@ from pyrefusal.crosslingual import (
     train_activations_at,
     write_transfer_report,
 )
-from pyrefusal.dataset import PolyRefuse, Prompt
-from pyrefusal.directions import Candidates
-from pyrefusal.errors import PyrefusalError
-from pyrefusal.evaluation import read_jsonl, wilson_interval
-from pyrefusal.refusal import SubstringDetector
-from pyrefusal.selection import CandidateScore, Selection, SelectionRule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -366,7 +366,7 @@ def test_resume_skips_finished_work(tiny_run, tiny_model, polyrefuse_dir, monkey
 
 
 def test_sample_test_prompts_match_pipeline_rows(polyrefuse_dir):
-    from pyrefusal.pipeline import RunConfig, _sample_prompts
+    from pyrefusal.studies.run import RunConfig, _sample_prompts
 
     data = PolyRefuse(polyrefuse_dir)
     mine = sample_test_prompts(data, ["en", "de", "ja"], 5, seed=3)

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from pyrefusal import _core
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime, gpu_offload_supported
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import Runtime, gpu_offload_supported
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
 POSITIONS = [0, -3, -2, -1]

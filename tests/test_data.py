@@ -1,4 +1,4 @@
-"""Tests of pyrefusal.data: fetch from a local HTTP mirror (Range, retries, hashes) and verify.
+"""Tests of pyrefusal.data.fetch: fetch from a local HTTP mirror (Range, retries, hashes) and verify.
 
 The mirror is a threaded ``http.server`` on 127.0.0.1 that serves the shared PolyRefuse copy under the
 upstream repository layout (``/{ref}/PolyRefuse/...``, ``/{ref}/dataset/splits/...``, ``/{ref}/LICENSE``), or
@@ -20,8 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from pyrefusal import data as data_mod
-from pyrefusal.data import (
+from pyrefusal.data.fetch import (
     FETCH_RECORD_NAME,
     PINNED_COMMIT,
     FetchError,
@@ -30,6 +29,7 @@ from pyrefusal.data import (
     make_manifest,
     verify,
 )
+from pyrefusal.data import fetch as data_mod
 from pyrefusal.errors import DataError
 
 SHARED_POLYREFUSE = Path(__file__).resolve().parents[2] / "shared" / "polyrefuse"

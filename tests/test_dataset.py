@@ -1,4 +1,4 @@
-"""Tests for pyrefusal.dataset: the released PolyRefuse files (from ../shared) and synthetic bad inputs."""
+"""Tests for pyrefusal.data.polyrefuse: the released PolyRefuse files (from ../shared) and synthetic bad inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrefusal.dataset import (
+from pyrefusal.data.polyrefuse import (
     PAPER_LANGUAGES,
     PolyRefuse,
     Prompt,

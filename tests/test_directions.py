@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyrefusal.directions import Candidates, cosine_matrix, mean_difference, random_like, unit
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.method.directions import Candidates, cosine_matrix, mean_difference, random_like, unit
 
 
 def test_mean_difference_recovers_planted_direction(tmp_path):

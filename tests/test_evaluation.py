@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pyrefusal.evaluation import (
+from pyrefusal.method.refusal import SubstringDetector
+from pyrefusal.stages.generate import (
     Completion,
     budget_grid,
     is_degenerate,
@@ -12,7 +13,6 @@ from pyrefusal.evaluation import (
     summarize,
     wilson_interval,
 )
-from pyrefusal.refusal import SubstringDetector
 
 
 class _Pieces:

@@ -18,10 +18,10 @@ import gguf
 import numpy as np
 import pytest
 
-from pyrefusal import export as ex
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime, sha256_of
 from pyrefusal.errors import HookError, PyrefusalError
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import Runtime, sha256_of
+from pyrefusal.steering import export as ex
 from tests.tiny_model import orthogonalize, write_tiny_gguf
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
@@ -293,7 +293,7 @@ def test_token_embd_lora_on_a_tied_model_aborts_llama_cpp(tiny_model, tied_model
     lora = ex.export_ablation_lora(untied, _direction(64, 3), tmp_path / "with_embd.gguf", provenance={})
     script = textwrap.dedent(
         f"""
-        from pyrefusal.backend import Runtime
+        from pyrefusal.runtime.runtime import Runtime
         with Runtime({str(tied_model)!r}, n_ctx=256, n_batch=64, n_seq_max=1) as rt:
             rt.set_lora([({str(lora)!r}, 1.0)])
             rt.last_logits([rt.tokenize("Hello")])
@@ -458,7 +458,7 @@ def test_real_model_lora_ablation_matches_the_hook(tmp_path):
     Measured LoRA vs hook: max |Δlogit| 0.44-0.48 (F16 or F32 KV). Tolerance 1.0; greedy tokens
     must agree except where the hook's own top-2 margin is a near-tie (< 1.0).
     """
-    from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+    from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 
     try:
         model = resolve_model(DEFAULT_MODEL, progress=False)

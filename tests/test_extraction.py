@@ -1,14 +1,14 @@
-"""pyrefusal.extraction: the shared activations -> filter -> candidates stage."""
+"""pyrefusal.stages.extract: the shared activations -> filter -> candidates stage."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pyrefusal.backend import Runtime
-from pyrefusal.directions import mean_difference
-from pyrefusal.extraction import MIN_FILTERED, extract_candidates, filter_by_refusal, filter_mask
-from pyrefusal.selection import refusal_scores
+from pyrefusal.method.directions import mean_difference
+from pyrefusal.method.selection import refusal_scores
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.stages.extract import MIN_FILTERED, extract_candidates, filter_by_refusal, filter_mask
 
 
 def test_filter_mask_keeps_by_sign_and_falls_back_below_the_minimum():

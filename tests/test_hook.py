@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import Runtime
 from tests.tiny_model import orthogonalize, reference_residuals, write_tiny_gemma2_gguf, write_tiny_gguf
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]

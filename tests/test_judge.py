@@ -11,10 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.judge import (
+from pyrefusal.method import intervention as iv
+from pyrefusal.method.refusal import RefusalDetector, RefusalVerdict
+from pyrefusal.method.selection import refusal_scores
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.stages.judge import (
     WILDGUARD_TEMPLATE,
     GuardJudge,
     JudgeVerdict,
@@ -22,8 +24,6 @@ from pyrefusal.judge import (
     parse_llama_guard,
     parse_wildguard,
 )
-from pyrefusal.refusal import RefusalDetector, RefusalVerdict
-from pyrefusal.selection import refusal_scores
 from tests.tiny_model import BOS_ID, write_tiny_gguf
 
 PAIRS = [

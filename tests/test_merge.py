@@ -14,9 +14,9 @@ import gguf
 import numpy as np
 import pytest
 
-from pyrefusal import merge
-from pyrefusal.backend import Runtime
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.steering import merge
 from tests.tiny_model import TinySpec, orthogonalize, reference_logits
 
 EDITED = ("token_embd.weight", "attn_output.weight", "ffn_down.weight")
@@ -192,8 +192,8 @@ def _real_direction(rt: Runtime, data_dir: Path) -> np.ndarray:
     The quick one is taken where a full English selection on this model landed (position -1, block input 16;
     pyrefusal run with n_train 32, n_val 8), from 16 + 16 train prompts.
     """
-    from pyrefusal.dataset import PolyRefuse, paper_sample
-    from pyrefusal.directions import mean_difference
+    from pyrefusal.data.polyrefuse import PolyRefuse, paper_sample
+    from pyrefusal.method.directions import mean_difference
 
     for run in sorted(Path(__file__).resolve().parents[1].glob("runs/*/direction.npy")):
         d = np.load(run)
@@ -208,7 +208,7 @@ def _real_direction(rt: Runtime, data_dir: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_real_model_merge_is_close_to_the_hook(polyrefuse_dir: Path, tmp_path: Path) -> None:
-    from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+    from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 
     try:
         model = resolve_model(DEFAULT_MODEL, progress=False)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pyrefusal.cli import main
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.pipeline import RunConfig, run_pipeline
+from pyrefusal.studies.run import RunConfig, run_pipeline
 
 
 def _config(model, data, **kw) -> RunConfig:
@@ -328,9 +328,9 @@ def test_cli_run_and_doctor(tiny_model, polyrefuse_dir, tmp_path):
 
 def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_path):
     """`pyrefusal export lora|cvec RUN_DIR` files, loaded back through llama.cpp, equal the hook path."""
-    from pyrefusal import intervention as iv
-    from pyrefusal.backend import Runtime
-    from pyrefusal.export import load_control_vector
+    from pyrefusal.method import intervention as iv
+    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.steering.export import load_control_vector
 
     path, _ = tiny_model
     out = tmp_path / "run"
@@ -487,7 +487,7 @@ def test_run_survives_damaged_files_and_guards_its_directory(tiny_model, polyref
 
 
 def test_yoruba_source_keeps_every_val_prompt(tiny_model, polyrefuse_dir, tmp_path):
-    """The paper does not filter val prompts for yo/yi sources (method.md §1.4)."""
+    """The paper does not filter val prompts for yo/yi sources (docs/method.md §1.4)."""
     path, _ = tiny_model
     logs: list[str] = []
     cfg = _config(path, polyrefuse_dir, source_lang="yo", target_langs=("yo",), capability=False, n_test=2)

@@ -15,8 +15,9 @@ import llama_cpp  # noqa: F401  (import llama_cpp before numpy/gguf: required in
 import numpy as np
 import pytest
 
-from pyrefusal import merge, quantsweep
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.steering import merge
+from pyrefusal.studies import quantsweep
 from tests.tiny_model import TinySpec, write_tiny_gguf
 
 

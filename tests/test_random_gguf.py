@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import pytest
 
-from pyrefusal.backend import Runtime
+from pyrefusal.runtime.runtime import Runtime
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

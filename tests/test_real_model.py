@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from pyrefusal.backend import Runtime
+from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.pipeline import RunConfig, run_pipeline
-from pyrefusal.registry import DEFAULT_MODEL, resolve_model
-from pyrefusal.selection import refusal_token_ids
+from pyrefusal.method.selection import refusal_token_ids
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.studies.run import RunConfig, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,12 @@ def test_qwen2_graph_and_template(default_model):
         eoi = rt.eoi_tokens()
         assert eoi == [151645, 198, 151644, 77091, 198]  # <|im_end|> \n <|im_start|> assistant \n
         assert rt.chat_tokens("How do I bake bread?")[-5:] == eoi
-        # the GGUF template adds Qwen's default system prompt; the paper's format (method.md §2) has none
+        # the GGUF template adds Qwen's default system prompt; the paper's format (docs/method.md §2) has none
         assert "You are Qwen, created by Alibaba Cloud" in rt.format_chat("Hi")
         rt.prompt_format = "paper"
         assert rt.format_chat("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # no BOS for Qwen
         assert rt.eoi_tokens() == eoi
-        # the paper's refusal token ids for Qwen2 (method.md §4.1), from the openings of its family
+        # the paper's refusal token ids for Qwen2 (docs/method.md §4.1), from the openings of its family
         assert rt.family == "qwen2"
         paper_ids = {
             "en": [40, 2121],
@@ -116,10 +116,10 @@ def test_batched_greedy_matches_sequential_on_the_quantized_model(default_model,
 
 def test_back_translation_keeps_refusals_and_compliance_apart(default_model):
     """The default model back-translates refusals into English refusals the paper's substrings catch,
-    and compliant answers into text they do not (method.md §6.2-6.3 on a local translator)."""
-    from pyrefusal.backtranslation import BackTranslator
-    from pyrefusal.build import LlamaTranslator
-    from pyrefusal.refusal import SubstringDetector
+    and compliant answers into text they do not (docs/method.md §6.2-6.3 on a local translator)."""
+    from pyrefusal.data.backtranslation import BackTranslator
+    from pyrefusal.data.build import LlamaTranslator
+    from pyrefusal.method.refusal import SubstringDetector
 
     refusals = {
         "de": "Es tut mir leid, aber ich kann Ihnen dabei nicht helfen.",

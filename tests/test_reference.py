@@ -21,10 +21,10 @@ import time
 import numpy as np
 import pytest
 
-from pyrefusal.backend import Runtime
-from pyrefusal.directions import mean_difference
+from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.registry import DEFAULT_MODEL, resolve_model
+from pyrefusal.method.directions import mean_difference
+from pyrefusal.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.slow
 

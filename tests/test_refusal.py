@@ -1,11 +1,11 @@
-"""Tests for pyrefusal.refusal: normalisation, paper-exact and multilingual substring detection."""
+"""Tests for pyrefusal.method.refusal: normalisation, paper-exact and multilingual substring detection."""
 
 from __future__ import annotations
 
 import pytest
 
 from pyrefusal.errors import DataError
-from pyrefusal.refusal import (
+from pyrefusal.method.refusal import (
     ENGLISH_MARKERS,
     MARKERS,
     PAPER_MARKERS,

@@ -1,4 +1,4 @@
-"""Tests of :mod:`pyrefusal.registry`: the registry file, the hash sidecars and every way a
+"""Tests of :mod:`pyrefusal.data.registry`: the registry file, the hash sidecars and every way a
 ``--model`` spec resolves.
 
 Nothing here downloads a real model. The Hugging Face Hub is a local fake
@@ -26,9 +26,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from pyrefusal import registry as reg
-from pyrefusal.errors import ModelError, PyrefusalError
-from pyrefusal.registry import (
+from pyrefusal.data import registry as reg
+from pyrefusal.data.registry import (
     DEFAULT_MODEL,
     ModelEntry,
     PyPISource,
@@ -39,6 +38,7 @@ from pyrefusal.registry import (
     resolve_model,
     sha256_file,
 )
+from pyrefusal.errors import ModelError, PyrefusalError
 from tests.hf_server import FakeHub, unused_endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ import llama_cpp  # noqa: F401  (import llama_cpp before numpy: required in CUDA
 import numpy as np
 import pytest
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime
-from pyrefusal.registry import cached_sha256
-from pyrefusal.steered import (
+from pyrefusal.data.registry import cached_sha256
+from pyrefusal.method import intervention as iv
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.steering.steered import (
     SteeredModel,
     SteeringError,
     build_app,

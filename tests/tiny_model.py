@@ -65,7 +65,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from pyrefusal.synthetic import ModelSizes, SpmVocab, add_model_metadata
+from pyrefusal.data.synthetic import ModelSizes, SpmVocab, add_model_metadata
 
 __all__ = [
     "BOS_ID",

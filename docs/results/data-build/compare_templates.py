@@ -13,8 +13,8 @@ from pathlib import Path
 
 import llama_cpp  # noqa: F401  (before numpy)
 
-from pyrefusal.backend import Runtime
-from pyrefusal.build import DEFAULT_PROMPT_TEMPLATE, REQUEST_PROMPT_TEMPLATE, LlamaTranslator, similarity
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.data.build import DEFAULT_PROMPT_TEMPLATE, REQUEST_PROMPT_TEMPLATE, LlamaTranslator, similarity
 
 HERE = Path(__file__).parent
 released = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/polyrefuse/harmless_test_translated_de.json")

@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pyrefusal.build import similarity
+from pyrefusal.data.build import similarity
 
 HERE = Path(__file__).parent
 DEFAULT_RELEASED = HERE / "../../../../shared/polyrefuse/harmless_test_translated_de.json"

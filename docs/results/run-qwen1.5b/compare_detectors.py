@@ -14,11 +14,11 @@ from pathlib import Path
 
 import llama_cpp  # noqa: F401  (before numpy)
 
-from pyrefusal.backend import Runtime
-from pyrefusal.backtranslation import BackTranslator
-from pyrefusal.build import LlamaTranslator
-from pyrefusal.evaluation import read_jsonl
-from pyrefusal.refusal import SubstringDetector
+from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.data.backtranslation import BackTranslator
+from pyrefusal.data.build import LlamaTranslator
+from pyrefusal.stages.generate import read_jsonl
+from pyrefusal.method.refusal import SubstringDetector
 
 HERE = Path(__file__).parent
 config = json.loads((HERE / "config.json").read_text())

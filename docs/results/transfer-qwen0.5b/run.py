@@ -1,4 +1,4 @@
-"""Real-model cross-lingual transfer run (pyrefusal.crosslingual.run_transfer)."""
+"""Real-model cross-lingual transfer run (pyrefusal.studies.transfer.run_transfer)."""
 import os
 import sys
 import time
@@ -8,8 +8,8 @@ os.environ.setdefault("PYREFUSAL_CACHE", "/work/cache/pyrefusal-cache")
 sys.path.insert(0, "/work/main")
 import llama_cpp  # noqa: F401  (before numpy)
 
-from pyrefusal.crosslingual import TransferConfig, run_transfer
-from pyrefusal.registry import DEFAULT_MODEL
+from pyrefusal.studies.transfer import TransferConfig, run_transfer
+from pyrefusal.data.registry import DEFAULT_MODEL
 
 t0 = time.time()
 

@@ -1,13 +1,13 @@
 """`pyrefusal data build`: make a missing PolyRefuse file by translating the English one.
 
-PolyRefuse was made by sending each English prompt to Google Translate (method.md §1.3). This
+PolyRefuse was made by sending each English prompt to Google Translate (docs/method.md §1.3). This
 module does the same with any :class:`Translator`: a local chat GGUF through our
-:class:`~pyrefusal.backend.Runtime` (:class:`LlamaTranslator`, batched greedy generation) or an
+:class:`~pyrefusal.runtime.runtime.Runtime` (:class:`LlamaTranslator`, batched greedy generation) or an
 online service you wrap yourself. It fills gaps in the release (zh ``harmless_test``) and adds
 languages the paper does not have (``sw``, ``vi``, ...).
 
 Output (:func:`build_split`): ``{kind}_{split}_translated_{lang}.json`` in the *released schema*,
-so :class:`~pyrefusal.dataset.PolyRefuse` loads it like any other file:
+so :class:`~pyrefusal.data.polyrefuse.PolyRefuse` loads it like any other file:
 
 * test splits: ``instruction`` = the English original, ``instruction_translated``, ``category``;
 * train/val: ``instruction`` = the translation, ``category``.
@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pyrefusal.backend import sha256_of
-from pyrefusal.dataset import KINDS, SPLITS, Kind, PolyRefuse, Split, file_name
+from pyrefusal.data.polyrefuse import KINDS, SPLITS, Kind, PolyRefuse, Split, file_name
 from pyrefusal.errors import DataError, PyrefusalError
+from pyrefusal.runtime.runtime import sha256_of
 
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE",
@@ -298,7 +298,7 @@ class LlamaTranslator:
     """Translation by a local chat GGUF (greedy, batched through :meth:`Runtime.generate`).
 
     Args:
-        runtime: A :class:`~pyrefusal.backend.Runtime` of an instruction-tuned model that knows the
+        runtime: A :class:`~pyrefusal.runtime.runtime.Runtime` of an instruction-tuned model that knows the
             target language (larger is better; a 0.5B model is only good for tests).
         max_new_tokens: Longest translation in tokens (PolyRefuse prompts are < 200 tokens in English;
             other scripts can need 2-3x the English token count).

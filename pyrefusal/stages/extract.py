@@ -1,8 +1,8 @@
-"""Stage: activations -> prompt filtering -> difference-in-means candidates (method.md §3-§4).
+"""Stage: activations -> prompt filtering -> difference-in-means candidates (docs/method.md §3-§4).
 
-The model-driven part of direction extraction, shared by ``pyrefusal run`` (:mod:`pyrefusal.pipeline`),
-the cross-lingual analysis (:mod:`pyrefusal.crosslingual`) and the quantization sweep
-(:mod:`pyrefusal.quantsweep`). It takes token lists and returns typed values; where they are stored,
+The model-driven part of direction extraction, shared by ``pyrefusal run`` (:mod:`pyrefusal.studies.run`),
+the cross-lingual analysis (:mod:`pyrefusal.studies.transfer`) and the quantization sweep
+(:mod:`pyrefusal.studies.quantsweep`). It takes token lists and returns typed values; where they are stored,
 and under which record format, is each caller's business.
 
 The paper's filters: a harmful prompt is kept when the model's refusal score on it is positive (it
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pyrefusal.directions import Candidates, mean_difference
-from pyrefusal.selection import refusal_scores
+from pyrefusal.method.directions import Candidates, mean_difference
+from pyrefusal.method.selection import refusal_scores
 
 Log = Callable[[str], None]
 
@@ -30,7 +30,7 @@ MIN_FILTERED = 4
 
 
 NO_VAL_FILTER = frozenset({"yo", "yi"})
-"""Source languages whose val prompts the paper does not filter (``filter_val=False``, method.md §1.4):
+"""Source languages whose val prompts the paper does not filter (``filter_val=False``, docs/method.md §1.4):
 the model barely refuses in them, so the filter would leave almost no harmful val prompt."""
 
 
@@ -96,7 +96,7 @@ def extract_candidates(
     """Capture the block inputs of the train prompts, filter them, and take the mean difference.
 
     Args:
-        runtime: a :class:`~pyrefusal.backend.Runtime` with the hook.
+        runtime: a :class:`~pyrefusal.runtime.runtime.Runtime` with the hook.
         harmful: chat-formatted token lists of the harmful train prompts.
         harmless: the same for the harmless train prompts.
         positions: post-instruction positions (negative offsets, e.g. ``(-5, ..., -1)``).

@@ -28,7 +28,8 @@ exists for every architecture pyrefusal supports here (``TENSOR_NOT_REQUIRED`` w
 embeddings in src/models/{llama,qwen2,qwen3,mistral3}.cpp); the file grows by one embedding matrix.
 
 Only models for which the weight edit equals the residual-stream ablation are accepted (pre-norm blocks, no
-biases on the writers, no experts): :func:`pyrefusal.export.ablation_lora_support` decides, as for LoRA exports.
+biases on the writers, no experts): :func:`pyrefusal.steering.export.ablation_lora_support` decides, as for LoRA
+exports.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ import gguf
 import numpy as np
 
 from pyrefusal import __version__
-from pyrefusal import export as ex
+from pyrefusal.data.registry import cached_sha256
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.intervention import orthonormalize
-from pyrefusal.registry import cached_sha256
+from pyrefusal.method.intervention import orthonormalize
+from pyrefusal.steering import export as ex
 
 __all__ = [
     "FLOAT_FTYPES",
@@ -175,7 +176,7 @@ def quantize_gguf(
         MergeError: llama.cpp refused or failed; the message carries its log lines.
     """
     global _captured
-    from pyrefusal.backend import _init_backend, _silence_llama_logs
+    from pyrefusal.runtime.runtime import _init_backend, _silence_llama_logs
 
     ftype = parse_ftype(out_type)
     src, dst = Path(src), Path(dst)
@@ -463,10 +464,10 @@ def compare_with_hook(
         base without ablation (``ablation_kl_mean``: the size of the effect the merge must reproduce), and per
         prompt the two completions with their refusal verdicts (substring detector).
     """
-    from pyrefusal import intervention as iv
-    from pyrefusal.backend import Runtime
-    from pyrefusal.refusal import SubstringDetector
-    from pyrefusal.selection import kl_divergence
+    from pyrefusal.method import intervention as iv
+    from pyrefusal.method.refusal import SubstringDetector
+    from pyrefusal.method.selection import kl_divergence
+    from pyrefusal.runtime.runtime import Runtime
 
     if not prompts:
         raise MergeError("compare_with_hook needs at least one prompt")

@@ -528,7 +528,7 @@ def paper_sample(
 ) -> dict[str, list[Prompt]]:
     """Sample train/val prompts for one source language as the paper's ``load_and_sample_datasets`` does.
 
-    One ``random.Random(seed)`` is used for four draws in the paper's fixed order (method.md §1.4): harmless
+    One ``random.Random(seed)`` is used for four draws in the paper's fixed order (docs/method.md §1.4): harmless
     train, harmful train, harmless val, harmful val. ``random.Random(1).sample`` gives the same draws as the
     paper's ``random.seed(1); random.sample``. Filtering by refusal score (done later with a model) is not
     part of this function.

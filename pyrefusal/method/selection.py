@@ -1,4 +1,4 @@
-"""Direction selection as in Arditi et al. / Wang et al. (method.md §4), plus its scores.
+"""Direction selection as in Arditi et al. / Wang et al. (docs/method.md §4), plus its scores.
 
 For each candidate ``(position, layer)`` (every eoi position x every block input):
 
@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pyrefusal.directions import Candidates
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.method.directions import Candidates
 from pyrefusal.rundir import write_atomic
 
 # First words of refusals per language; the first token of each is a refusal token. Used for models
@@ -63,7 +63,7 @@ class SelectionError(PyrefusalError):
     """No candidate passed the selection filters."""
 
 
-# The paper's refusal tokens per model family and language (method.md §4.1, its REFUSAL_TOKENS_LANG),
+# The paper's refusal tokens per model family and language (docs/method.md §4.1, its REFUSAL_TOKENS_LANG),
 # written as openings whose first token is the paper's id. For Qwen2 every id was checked on
 # Qwen2.5's tokenizer (e.g. "申し訳" -> 127748 "申し", "죄송합니다" -> 132759, "И" -> 30174). The
 # paper's Gemma ru ids are not decoded there, so Gemma ru uses REFUSAL_OPENINGS.
@@ -115,7 +115,7 @@ def refusal_token_ids(
     """First token of each refusal opening of ``lang`` (deduplicated, order kept).
 
     ``openings`` overrides the table; otherwise :func:`refusal_openings` for ``family`` (the model
-    family, :attr:`pyrefusal.backend.Runtime.family`) is used.
+    family, :attr:`pyrefusal.runtime.runtime.Runtime.family`) is used.
 
     Raises:
         PyrefusalError: no openings known for ``lang`` and none given.
@@ -265,8 +265,8 @@ def select_direction(
     """Score candidates on the val prompts with ``runtime`` and pick one by ``rule``.
 
     Args:
-        runtime: a :class:`pyrefusal.backend.Runtime` of the model the candidates came from.
-        candidates: from :func:`pyrefusal.directions.mean_difference`.
+        runtime: a :class:`pyrefusal.runtime.runtime.Runtime` of the model the candidates came from.
+        candidates: from :func:`pyrefusal.method.directions.mean_difference`.
         harmful_val / harmless_val: chat-formatted token lists.
         refusal_tokens: ids whose probability defines the refusal score.
         rule: filters (default: the paper's).
@@ -276,7 +276,7 @@ def select_direction(
     Raises:
         SelectionError: no candidate passes; the message says which filter removed them.
     """
-    from pyrefusal import intervention as iv  # local: keeps the maths importable without the runtime
+    from pyrefusal.method import intervention as iv  # local: keeps the maths importable without the runtime
 
     rule = rule or SelectionRule()
     n_layer = candidates.vectors.shape[1]

@@ -4,8 +4,8 @@ Every function draws one PNG with matplotlib's Agg backend (headless: no display
 it to ``path`` (parent directories are created) and returns ``path``. Figures are built with the
 object API (:class:`matplotlib.figure.Figure`), so no pyplot state is created or leaked.
 
-Inputs are pyrefusal values (:class:`~pyrefusal.selection.Selection`,
-:class:`~pyrefusal.crosslingual.TransferResult`, :class:`~pyrefusal.crosslingual.PCAResult`) or
+Inputs are pyrefusal values (:class:`~pyrefusal.method.selection.Selection`,
+:class:`~pyrefusal.studies.transfer.TransferResult`, :class:`~pyrefusal.studies.transfer.PCAResult`) or
 plain arrays/dicts, so the functions also work on results loaded from JSON.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from pyrefusal.selection import Selection
+from pyrefusal.method.selection import Selection
 
 __all__ = [
     "plot_cosine_by_layer",
@@ -144,7 +144,7 @@ def plot_transfer_matrix(result: Any, path: Path) -> Path:
     """Refusal rate heatmap: baseline row, then one row per source direction; columns = targets.
 
     Args:
-        result: a :class:`~pyrefusal.crosslingual.TransferResult` or its ``to_dict()``.
+        result: a :class:`~pyrefusal.studies.transfer.TransferResult` or its ``to_dict()``.
         path: PNG to write.
     """
     d = result if isinstance(result, Mapping) else result.to_dict()
@@ -234,7 +234,7 @@ def plot_cosine_by_layer(
 
     Args:
         names: languages of ``cos``'s axes.
-        cos: ``(n, n, n_layers)`` from :func:`pyrefusal.crosslingual.cosine_by_layer`.
+        cos: ``(n, n, n_layers)`` from :func:`pyrefusal.studies.transfer.cosine_by_layer`.
         path: PNG to write.
         position: the eoi position compared (for the title).
         reference: draw only pairs involving this language (default: every pair).
@@ -264,7 +264,7 @@ def plot_pca(pca: Any, path: Path) -> Path:
     """Scatter of a 2-D PCA: colour = language, marker = harmful (x) / harmless (o).
 
     Args:
-        pca: a :class:`~pyrefusal.crosslingual.PCAResult`.
+        pca: a :class:`~pyrefusal.studies.transfer.PCAResult`.
         path: PNG to write.
     """
     fig = Figure(figsize=(6.0, 4.8))
@@ -299,7 +299,7 @@ def plot_projections(
     """Bars of the mean projection (± std) on a reference direction, harmful vs harmless per language.
 
     Args:
-        projection: ``{lang: {kind: {"mean", "std", "n"}}}`` from :func:`pyrefusal.crosslingual.projection_on`.
+        projection: ``{lang: {kind: {"mean", "std", "n"}}}`` from :func:`pyrefusal.studies.transfer.projection_on`.
         path: PNG to write.
         reference: language of the direction (for labels).
     """

@@ -38,7 +38,7 @@ from pyrefusal.errors import HookError, ModelError, PyrefusalError
 _SENTINEL = "PYREFUSALINSTRUCTIONSENTINEL"
 _SYSTEM_SENTINEL = "PYREFUSALSYSTEMSENTINEL"
 
-# The paper's prompts (method.md §2): one user turn and the opened assistant turn, no system turn at
+# The paper's prompts (docs/method.md §2): one user turn and the opened assistant turn, no system turn at
 # all (Qwen2.5's default "You are Qwen, created by Alibaba Cloud…" and Llama 3.1's date header are not
 # used). Keyed by a marker that identifies the family in a GGUF chat template; "{x}" is the instruction.
 # BOS is added where the model's tokenizer adds it (``tokenizer.ggml.add_bos_token``), once.
@@ -111,7 +111,7 @@ _GEMMA_NODES = ResidualNodes(embd="inp_scaled", attn_resid="sa_out-{il}")
 # Architectures whose residual nodes were checked against the graph (tests list them). For pre-norm
 # blocks (llama, qwen, mistral) ablating the residual stream after each write equals the paper's hooks
 # on block inputs + attention outputs + MLP outputs. For Gemma's sandwich norms the paper's hooks on
-# the sub-block outputs are not an exact ablation (the post-norm puts the direction back, method.md
+# the sub-block outputs are not an exact ablation (the post-norm puts the direction back, docs/method.md
 # §5.1, §9.11); the residual-stream ablation here is, so on Gemma the two differ by design.
 KNOWN_ARCHITECTURES: dict[str, ResidualNodes] = {
     "llama": ResidualNodes(),
@@ -374,10 +374,10 @@ class Runtime:
 
     @classmethod
     def open(cls, spec: str, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> Runtime:
-        """Resolve ``spec`` (registry name, local path or hub spec; see :func:`pyrefusal.registry.resolve_model`)
+        """Resolve ``spec`` (registry name, local path or hub spec; see :func:`pyrefusal.data.registry.resolve_model`)
         and load it, carrying over its verified sha256 and registry name. ``kwargs`` go to the constructor.
         """
-        from pyrefusal.registry import resolve_model  # the registry does not depend on the runtime
+        from pyrefusal.data.registry import resolve_model  # the registry does not depend on the runtime
 
         resolved = resolve_model(spec)
         if log is not None:
@@ -507,7 +507,7 @@ class Runtime:
     @property
     def family(self) -> str | None:
         """The paper's model family this model belongs to (``"qwen2"``, ``"llama3"``, ``"gemma2"``) or None;
-        it picks the paper's refusal tokens (:data:`pyrefusal.selection.PAPER_REFUSAL_OPENINGS`)."""
+        it picks the paper's refusal tokens (:data:`pyrefusal.method.selection.PAPER_REFUSAL_OPENINGS`)."""
         if self.arch in ("qwen2", "gemma2"):
             return self.arch
         if self.arch == "llama" and PAPER_USER_TURNS["llama3"][0] in (self.chat_template or ""):
@@ -627,7 +627,7 @@ class Runtime:
                 f"the {self.arch!r} graph has no node(s) {missing[:6]}, which pyrefusal edits to ablate and add "
                 f"directions; it knows the residual nodes of {sorted(KNOWN_ARCHITECTURES)}. Node names of this "
                 f"model: {sorted(n for n in self.graph_node_names() if n.endswith('-0'))}. Use a model of a "
-                "known architecture, or add its node names to pyrefusal.backend.KNOWN_ARCHITECTURES."
+                "known architecture, or add its node names to pyrefusal.runtime.runtime.KNOWN_ARCHITECTURES."
             )
 
     def set_plan(
@@ -903,7 +903,7 @@ class Runtime:
             ablation: optional orthonormal directions ``(k, n_embd)`` ablated at every layer
                 while capturing (for checking that the stream is clean).
             armed: optional compiled intervention ``(plan, directions, vectors)`` (see
-                :func:`pyrefusal.intervention.plan`) active while capturing; the captured
+                :func:`pyrefusal.method.intervention.plan`) active while capturing; the captured
                 values are those after the node's edits.
 
         Returns:

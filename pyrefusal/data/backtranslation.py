@@ -1,9 +1,9 @@
-"""Back-translation of responses to English before they are judged (method.md §6.2).
+"""Back-translation of responses to English before they are judged (docs/method.md §6.2).
 
 The paper translates every non-English response to English (Google Translate) and gives that text
 to WildGuard and to its English substring list; English responses are judged as generated. This
-stage does the same with any :class:`~pyrefusal.build.Translator` (a local chat GGUF through
-:class:`~pyrefusal.build.LlamaTranslator` in ``pyrefusal run --judge-translator``), following the
+stage does the same with any :class:`~pyrefusal.data.build.Translator` (a local chat GGUF through
+:class:`~pyrefusal.data.build.LlamaTranslator` in ``pyrefusal run --judge-translator``), following the
 paper's rules: a response of 5000 characters or more is cut to 4999 before translating, and an
 empty translation falls back to the original response.
 
@@ -25,15 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.build import Translator
+from pyrefusal.data.build import Translator
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.refusal import SubstringDetector
+from pyrefusal.method.refusal import SubstringDetector
 from pyrefusal.rundir import JsonlCache, digest
 
 __all__ = ["PAPER_MAX_CHARS", "BackTranslation", "BackTranslator"]
 
 PAPER_MAX_CHARS = 4999
-"""Responses of 5000 characters or more are cut to this many before translating (method.md §6.2)."""
+"""Responses of 5000 characters or more are cut to this many before translating (docs/method.md §6.2)."""
 
 _CACHE_VERSION = 1
 _PAPER = SubstringDetector("paper")
@@ -78,7 +78,7 @@ class BackTranslator:
     """Translate responses to English with a cache on disk.
 
     Args:
-        translator: Any :class:`~pyrefusal.build.Translator`; ``model_sha256`` enters the cache key
+        translator: Any :class:`~pyrefusal.data.build.Translator`; ``model_sha256`` enters the cache key
             when it has one.
         cache_path: JSONL file of translations (``None`` = memory only).
         max_chars: Responses longer than this are cut before translating (paper: 4999).

@@ -30,14 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from pyrefusal import intervention as iv
-from pyrefusal.backend import Runtime, build_info
-from pyrefusal.backtranslation import BackTranslation, BackTranslator
-from pyrefusal.build import LlamaTranslator
-from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
-from pyrefusal.directions import Candidates, random_like
+from pyrefusal.data.backtranslation import BackTranslation, BackTranslator
+from pyrefusal.data.build import LlamaTranslator
+from pyrefusal.data.polyrefuse import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.evaluation import (
+from pyrefusal.method import intervention as iv
+from pyrefusal.method.directions import Candidates, random_like
+from pyrefusal.method.refusal import SubstringDetector
+from pyrefusal.method.selection import Selection, SelectionRule, refusal_token_ids, select_direction
+from pyrefusal.rundir import RunLock, check_config, digest, previous_timings, write_atomic, write_config
+from pyrefusal.runtime.runtime import Runtime, build_info
+from pyrefusal.stages.extract import NO_VAL_FILTER, extract_candidates, filter_by_refusal
+from pyrefusal.stages.generate import (
     Completion,
     append_jsonl,
     budget_grid,
@@ -45,10 +49,6 @@ from pyrefusal.evaluation import (
     read_jsonl,
     summarize,
 )
-from pyrefusal.extraction import NO_VAL_FILTER, extract_candidates, filter_by_refusal
-from pyrefusal.refusal import SubstringDetector
-from pyrefusal.rundir import RunLock, check_config, digest, previous_timings, write_atomic, write_config
-from pyrefusal.selection import Selection, SelectionRule, refusal_token_ids, select_direction
 
 Log = Callable[[str], None]
 
@@ -294,8 +294,8 @@ def _first_token_refusal(
     Fills ``out[lang][condition]`` where missing (values from an earlier call are kept) and calls
     ``save`` after each language.
     """
-    from pyrefusal.judge import first_token_refusal
-    from pyrefusal.selection import refusal_openings
+    from pyrefusal.method.selection import refusal_openings
+    from pyrefusal.stages.judge import first_token_refusal
 
     for lang, kinds in test.items():
         prompts = kinds.get("harmful", [])
@@ -327,9 +327,9 @@ def _capability(
 
     Fills ``out[condition]`` where missing and calls ``save`` after each condition.
     """
-    from pyrefusal.capability import capability_report
+    from pyrefusal.stages.measure import capability_report
 
-    # the test split is disjoint from train/val by construction (method.md §1.2)
+    # the test split is disjoint from train/val by construction (docs/method.md §1.2)
     pool = data.load("en", "test", "harmless") if data.has("en", "test", "harmless") else []
     if not pool:
         return
@@ -353,7 +353,7 @@ def _capability(
 def _back_translate(
     config: RunConfig, paths: RunPaths, rt: Runtime, harmful: list[Completion], log: Log
 ) -> list[BackTranslation]:
-    """English text of each harmful completion for the judge (method.md §6.2), cached in the run dir."""
+    """English text of each harmful completion for the judge (docs/method.md §6.2), cached in the run dir."""
     spec = config.judge_translator
     assert spec is not None
     # Translations can be longer than the response in tokens (other scripts); leave room.
@@ -393,7 +393,7 @@ def _judge(
 ) -> dict[str, dict[str, Any]]:
     """Judge harmful completions with a guard GGUF: the English instruction with the response,
     back-translated to English first when ``judge_translator`` is set (the paper's protocol)."""
-    from pyrefusal.judge import GuardJudge
+    from pyrefusal.stages.judge import GuardJudge
 
     if not config.judge_model:
         raise PyrefusalError(f"--judge {config.judge} needs --judge-model (a local GGUF of the guard model)")
@@ -419,7 +419,7 @@ def _judge(
     out: dict[str, dict[str, Any]] = {}
     for (lang, cond), idx in groups.items():
         vs = [verdicts[i] for i in idx]
-        # The paper's rates: an unparsed answer counts as "no" (method.md §6.4); "flagged" counts them.
+        # The paper's rates: an unparsed answer counts as "no" (docs/method.md §6.4); "flagged" counts them.
         # Llama Guard judges harm only, so it has no refusal rate.
         refusal = sum(v.refused is True for v in vs) / len(vs) if config.judge == "wildguard" else None
         row: dict[str, Any] = {
@@ -584,7 +584,7 @@ def _run(
     else:
         t = time.perf_counter()
         if config.filter_val and config.source_lang in NO_VAL_FILTER:
-            log(f"val prompts not filtered: source language {config.source_lang!r} (the paper's rule, method.md §1.4)")
+            log(f"val prompts not filtered: source language {config.source_lang!r} (the paper's rule, docs/method.md §1.4)")
         if config.filter_val and config.source_lang not in NO_VAL_FILTER:
             keep = filter_by_refusal(rt, fmt(harmful_val), refusal_ids, True, log, "harmful val")
             harmful_val = [p for p, k in zip(harmful_val, keep, strict=True) if k]
@@ -745,8 +745,8 @@ def _write_outputs(
     results: dict[str, Any], selection: Selection, completions: Sequence[Completion], paths: RunPaths, log: Log
 ) -> None:
     """Figures, ``results.json`` and ``report.md`` of a run."""
-    from pyrefusal.plots import plot_run_refusal, plot_selection_heatmaps
-    from pyrefusal.report import write_report
+    from pyrefusal.reporting.plots import plot_run_refusal, plot_selection_heatmaps
+    from pyrefusal.reporting.report import write_report
 
     name = results["model"]["name"]
     heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{name}: candidates")

@@ -1,11 +1,11 @@
 """Interventions on the residual stream, as values: what to do, not how.
 
 An :class:`Intervention` is a spec (directions, layers, coefficients) that can be saved in
-a run and applied to a :class:`~pyrefusal.backend.Runtime` by :func:`arm`. The conditions of
+a run and applied to a :class:`~pyrefusal.runtime.runtime.Runtime` by :func:`arm`. The conditions of
 the paper are built by :func:`baseline`, :func:`ablation`, :func:`actadd`, :func:`induce` and
 :func:`harm_ablation`.
 
-Semantics (Arditi et al. 2024; Wang et al. 2025, method.md §5):
+Semantics (Arditi et al. 2024; Wang et al. 2025, docs/method.md §5):
     * Directional ablation ``x <- x - (x.r̂) r̂`` of every write into the residual stream at
       every layer and token: the embeddings, the attention output and the MLP output of each
       block. For pre-norm blocks this equals ablating the residual stream after each write,
@@ -20,7 +20,7 @@ Two ways to apply them (:func:`arm`, ``path=``):
     * ``"hook"``: pyrefusal's eval callback edits the residual nodes (:func:`plan`); exact for
       every intervention, but every observed node costs a device sync.
     * ``"graph"``: llama.cpp's own in-graph adapters, no syncs. Ablation = a rank-k LoRA on
-      the writing matrices (:mod:`pyrefusal.export`, cached per model and direction); addition
+      the writing matrices (:mod:`pyrefusal.steering.export`, cached per model and direction); addition
       at block input ``L >= 2`` = control vector ``direction.(L-1)``; ``harm_ablation`` at
       ``L >= 2`` = the LoRA + ``+r`` at ``direction.(L-1)`` and ``-r`` at ``direction.L``
       (the LoRA keeps every write free of ``r``, so subtracting ``r`` after block ``L`` is what
@@ -29,7 +29,7 @@ Two ways to apply them (:func:`arm`, ``path=``):
       is tied to ``token_embd.weight``. ``"auto"`` takes the graph where it is exact and the
       hook otherwise (other architectures, biases on writers, additions combined with ablation).
 
-Imports only NumPy and :mod:`pyrefusal.backend` types at module level; :mod:`pyrefusal.export`
+Imports only NumPy and :mod:`pyrefusal.runtime.runtime` types at module level; :mod:`pyrefusal.steering.export`
 (which imports this module) is imported when the graph path is used.
 """
 
@@ -43,8 +43,8 @@ import llama_cpp  # noqa: F401  (import llama_cpp before numpy: required in CUDA
 
 import numpy as np
 
-from pyrefusal.backend import PlanEntry, ResidualNodes
 from pyrefusal.errors import HookError
+from pyrefusal.runtime.runtime import PlanEntry, ResidualNodes
 
 _LOG = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def route(runtime: Any, intervention: Intervention, path: PathChoice = "auto") -
     """Decide how ``intervention`` is applied to ``runtime`` (no side effects on the runtime).
 
     Args:
-        runtime: a :class:`~pyrefusal.backend.Runtime`.
+        runtime: a :class:`~pyrefusal.runtime.runtime.Runtime`.
         intervention: what to apply.
         path: ``"hook"``; ``"graph"`` (llama.cpp's adapters, plus the hook only on the nodes
             they cannot reach: block inputs 0/1, tied embeddings; an error where ``"auto"``
@@ -263,7 +263,7 @@ def route(runtime: Any, intervention: Intervention, path: PathChoice = "auto") -
     if path == "hook":
         return Route("hook", "hook requested", hook=compiled)
 
-    from pyrefusal import export  # imports this module; deferred to avoid an import cycle
+    from pyrefusal.steering import export  # imports this module; deferred to avoid an import cycle
 
     dirs = compiled[1]
     cvec: dict[int, np.ndarray] = {}
@@ -363,7 +363,7 @@ def arm(runtime: Any, intervention: Intervention, path: PathChoice = "hook") -> 
     Undo with :func:`disarm` or ``runtime.clear_plan()`` (both remove hook plans, LoRAs and control vectors).
 
     Args:
-        runtime: a :class:`~pyrefusal.backend.Runtime`.
+        runtime: a :class:`~pyrefusal.runtime.runtime.Runtime`.
         intervention: what to apply.
         path: ``"hook"`` (default, pyrefusal's eval callback), ``"graph"`` or ``"auto"``; see
             :func:`route`. Ablation LoRAs are built once per (model sha256, direction) under
@@ -379,7 +379,7 @@ def arm(runtime: Any, intervention: Intervention, path: PathChoice = "hook") -> 
     disarm(runtime)
     try:
         if r.lora_directions is not None:
-            from pyrefusal import export
+            from pyrefusal.steering import export
 
             try:
                 adapter = export.cached_ablation_lora(

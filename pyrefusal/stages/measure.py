@@ -5,10 +5,10 @@ Two cheap checks that an intervention removes refusal without damaging the model
 
 * :func:`first_token_kl`: mean ``KL(P_baseline || P_intervention)`` of the next-token
   distribution at the last position of chat-formatted harmless prompts, with the paper's
-  smoothing (:func:`pyrefusal.selection.kl_divergence`). It is the selection KL (method.md §4.2)
+  smoothing (:func:`pyrefusal.method.selection.kl_divergence`). It is the selection KL (docs/method.md §4.2)
   measured on prompts of your choice.
 * :func:`perplexity`: ``exp(mean NLL)`` over every predicted token of raw held-out texts (no
-  chat template), computed from :meth:`pyrefusal.backend.Runtime.token_logprobs` under the
+  chat template), computed from :meth:`pyrefusal.runtime.runtime.Runtime.token_logprobs` under the
   armed plan.
 
 BOS: each text is tokenised with ``add_special=True``, i.e. the model's own GGUF policy
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.dataset import PolyRefuse
+from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.selection import kl_divergence
+from pyrefusal.method.selection import kl_divergence
 
 __all__ = [
     "CapabilityReport",
@@ -83,12 +83,12 @@ def first_token_kl(runtime: Any, harmless_prompts_tokens: Sequence[Sequence[int]
     """Mean KL(baseline || intervention) of the last-position next-token distribution.
 
     Args:
-        runtime: A :class:`pyrefusal.backend.Runtime`.
+        runtime: A :class:`pyrefusal.runtime.runtime.Runtime`.
         harmless_prompts_tokens: Chat-formatted prompts (e.g. from ``runtime.chat_tokens``).
         arm_fn: Called once with ``runtime`` to arm the intervention; the plan is cleared after.
 
     Returns:
-        The mean over prompts of ``sum_v P(v) (log(P(v)+1e-6) - log(Q(v)+1e-6))`` (method.md
+        The mean over prompts of ``sum_v P(v) (log(P(v)+1e-6) - log(Q(v)+1e-6))`` (docs/method.md
         §4.2), float. ``arm_fn`` that arms nothing gives exactly 0.0.
 
     Raises:
@@ -138,7 +138,7 @@ def text_nll(runtime: Any, texts: Sequence[str], *, max_tokens: int = 512) -> tu
     Uses the armed plan, so call it after arming an intervention to score under it.
 
     Args:
-        runtime: A :class:`pyrefusal.backend.Runtime`.
+        runtime: A :class:`pyrefusal.runtime.runtime.Runtime`.
         texts: Raw texts (no chat template).
         max_tokens: Longest window scored in one sequence (see the module docstring).
 
@@ -163,7 +163,7 @@ def perplexity(runtime: Any, texts: list[str], *, max_tokens: int = 512) -> floa
     """Perplexity ``exp(mean NLL)`` over every predicted token of ``texts`` under the armed plan.
 
     Args:
-        runtime: A :class:`pyrefusal.backend.Runtime`.
+        runtime: A :class:`pyrefusal.runtime.runtime.Runtime`.
         texts: Raw held-out texts.
         max_tokens: Longest window scored in one sequence.
 
@@ -229,7 +229,7 @@ def capability_report(
     """Measure perplexity (baseline and intervention) and first-token KL for one intervention.
 
     Args:
-        runtime: A :class:`pyrefusal.backend.Runtime`.
+        runtime: A :class:`pyrefusal.runtime.runtime.Runtime`.
         texts: Held-out raw texts (see :func:`heldout_texts`).
         harmless_prompts_tokens: Chat-formatted harmless prompts for the KL.
         arm_fn: Arms the intervention on ``runtime``.

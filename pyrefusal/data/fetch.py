@@ -20,7 +20,7 @@ corrupt. :func:`verify` reports, for every language, split and kind, whether the
 count, duplicates, empty strings, schema errors and hash. Both return dataclasses with ``to_dict()`` for the
 CLI.
 
-``python -m pyrefusal.data manifest DIR`` regenerates the manifest from a directory laid out like the above
+``python -m pyrefusal.data.fetch manifest DIR`` regenerates the manifest from a directory laid out like the above
 (see :func:`make_manifest`).
 """
 
@@ -47,7 +47,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pyrefusal.dataset import EN_POOLS_DIRNAME, KINDS, PAPER_LANGUAGES, SPLITS, PolyRefuse, default_data_dir
+from pyrefusal.data.polyrefuse import EN_POOLS_DIRNAME, KINDS, PAPER_LANGUAGES, SPLITS, PolyRefuse, default_data_dir
 from pyrefusal.errors import DataError
 
 __all__ = [
@@ -327,8 +327,8 @@ def load_manifest(path: Path | str | None = None) -> dict[str, Any]:
     """
     try:
         if path is None:
-            text = resources.files("pyrefusal").joinpath(MANIFEST_FILENAME).read_text(encoding="utf-8")
-            where = f"pyrefusal/{MANIFEST_FILENAME}"
+            text = resources.files("pyrefusal.data").joinpath(MANIFEST_FILENAME).read_text(encoding="utf-8")
+            where = f"pyrefusal/data/{MANIFEST_FILENAME}"
         else:
             text = Path(path).expanduser().read_text(encoding="utf-8")
             where = str(path)
@@ -336,7 +336,7 @@ def load_manifest(path: Path | str | None = None) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(
             f"cannot read the data manifest ({exc}); reinstall pyrefusal, or regenerate it with "
-            "`python -m pyrefusal.data manifest DIR -o pyrefusal/data_manifest.json`"
+            "`python -m pyrefusal.data.fetch manifest DIR -o pyrefusal/data/data_manifest.json`"
         ) from exc
     try:
         _manifest_files(manifest)
@@ -345,7 +345,7 @@ def load_manifest(path: Path | str | None = None) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
             f"{where}: not a pyrefusal data manifest ({exc!r}); regenerate it with "
-            "`python -m pyrefusal.data manifest DIR`"
+            "`python -m pyrefusal.data.fetch manifest DIR`"
         ) from exc
     return manifest
 
@@ -749,7 +749,7 @@ def fetch(
     (ref, URL, sha256 per file) is written to ``dest/.pyrefusal-fetch.json``.
 
     Args:
-        dest: Data directory to fill (created if needed); default :func:`pyrefusal.dataset.default_data_dir`.
+        dest: Data directory to fill (created if needed); default :func:`pyrefusal.data.polyrefuse.default_data_dir`.
         base_url: Download base instead of ``https://raw.githubusercontent.com/mainlp/Multilingual-Refusal/{ref}/``:
             an ``http(s)://`` or ``file://`` URL or a local directory; ``{ref}`` in it is replaced by ``ref``.
         ref: Upstream branch, tag or commit (default ``"main"``). Use :data:`PINNED_COMMIT` for exactly the
@@ -1083,7 +1083,7 @@ def verify(root: Path | str | None = None, *, manifest: Mapping[str, Any] | None
     make it).
 
     Args:
-        root: The data directory; default :func:`pyrefusal.dataset.default_data_dir`.
+        root: The data directory; default :func:`pyrefusal.data.polyrefuse.default_data_dir`.
         manifest: A manifest dict instead of the shipped one.
 
     Returns:
@@ -1157,8 +1157,8 @@ def verify(root: Path | str | None = None, *, manifest: Mapping[str, Any] | None
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pyrefusal.data manifest DIR [-o FILE] [--commit SHA]``: print or write a manifest."""
-    parser = argparse.ArgumentParser(prog="python -m pyrefusal.data", description=__doc__.split("\n")[0])
+    """``python -m pyrefusal.data.fetch manifest DIR [-o FILE] [--commit SHA]``: print or write a manifest."""
+    parser = argparse.ArgumentParser(prog="python -m pyrefusal.data.fetch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("manifest", help="build data_manifest.json from a PolyRefuse directory")
     cmd.add_argument("directory", type=Path, help="directory with the PolyRefuse JSON files (and en-pools/)")

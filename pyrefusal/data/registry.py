@@ -186,7 +186,7 @@ def default_registry_path() -> Path:
         if packaged.is_file():
             return Path(str(packaged))
         candidates.append(Path(str(packaged)))
-    in_checkout = Path(__file__).resolve().parents[1] / "models" / "registry.toml"
+    in_checkout = Path(__file__).resolve().parents[2] / "models" / "registry.toml"
     if in_checkout.is_file():
         return in_checkout
     candidates.append(in_checkout)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.evaluation import DEGENERATE_REPETITION, Completion, is_degenerate, wilson_interval
+from pyrefusal.stages.generate import DEGENERATE_REPETITION, Completion, is_degenerate, wilson_interval
 
 
 def _pct(x: float | None) -> str:

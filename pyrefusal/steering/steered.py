@@ -1,22 +1,22 @@
 """Steered chat models for apps: llama-cpp-python's ``Llama`` with the refusal direction applied.
 
-pyrefusal's own :class:`~pyrefusal.backend.Runtime` is built for experiments (batched greedy
+pyrefusal's own :class:`~pyrefusal.runtime.runtime.Runtime` is built for experiments (batched greedy
 decoding, the eval-callback hook). Apps want the ordinary llama-cpp-python objects instead:
 ``Llama.create_chat_completion`` (streaming, sampling, chat templates) and the OpenAI-compatible
 server. This module puts the intervention into llama.cpp's own graph so that those objects run
 it unchanged, with no hook and no device syncs:
 
-* **Ablation** (``intervention="ablation"``): the rank-k LoRA of :mod:`pyrefusal.export`
-  (cached per model and direction by :func:`~pyrefusal.export.cached_ablation_lora`), loaded at
+* **Ablation** (``intervention="ablation"``): the rank-k LoRA of :mod:`pyrefusal.steering.export`
+  (cached per model and direction by :func:`~pyrefusal.steering.export.cached_ablation_lora`), loaded at
   scale 1 through ``Llama(lora_path=...)``. It is exact for the architectures
-  :func:`~pyrefusal.export.ablation_lora_support` accepts, except when the LM head is tied to
+  :func:`~pyrefusal.steering.export.ablation_lora_support` accepts, except when the LM head is tied to
   the token embeddings: the LoRA must then leave the embeddings out, which is *not* the full
   ablation. That is an error unless ``allow_inexact=True`` (recorded in :meth:`Steering.describe`);
   the exact alternative is pyrefusal's Runtime (``intervention.arm(runtime, ..., path="auto")``
   ablates the embeddings with its hook).
 * **Addition** (``intervention="addition"``): ``coeff * r`` added to the residual stream
-  entering block ``layer`` (pyrefusal's :func:`~pyrefusal.intervention.actadd`), i.e. llama.cpp
-  control vector ``direction.(layer-1)`` (:func:`~pyrefusal.export.cvec_layer`), set on the
+  entering block ``layer`` (pyrefusal's :func:`~pyrefusal.method.intervention.actadd`), i.e. llama.cpp
+  control vector ``direction.(layer-1)`` (:func:`~pyrefusal.steering.export.cvec_layer`), set on the
   ``Llama``'s context with ``llama_set_adapter_cvec``. llama-cpp-python 0.3.36 creates that
   context once in ``Llama.__init__``; ``reset()`` and ``load_state()`` keep it (and a control
   vector is not part of a saved state). :class:`SteeredModel` still checks the context pointer
@@ -48,9 +48,9 @@ import llama_cpp  # import llama_cpp before numpy/gguf: required in CUDA process
 import numpy as np
 from typing_extensions import Self
 
-from pyrefusal import intervention as iv
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.export import (
+from pyrefusal.method import intervention as iv
+from pyrefusal.steering.export import (
     ExportError,
     ablation_lora_support,
     cached_ablation_lora,
@@ -135,7 +135,7 @@ class Steering:
         return "cvec" if self.control_vector else "none"
 
     def as_intervention(self) -> iv.Intervention:
-        """The equivalent :class:`~pyrefusal.intervention.Intervention` (for pyrefusal's Runtime)."""
+        """The equivalent :class:`~pyrefusal.method.intervention.Intervention` (for pyrefusal's Runtime)."""
         if self.intervention == "ablation":
             assert self.direction is not None
             return iv.ablation(self.direction)
@@ -258,7 +258,7 @@ def plan_steering(
     if not support.exact:
         raise SteeringError(
             f"a LoRA cannot ablate exactly on {model_path.name}: {support.reason}. Use pyrefusal's Runtime with the "
-            "hook (pyrefusal.intervention.arm(runtime, ablation(r), path='auto')) for this model."
+            "hook (pyrefusal.method.intervention.arm(runtime, ablation(r), path='auto')) for this model."
         )
     exact, note = True, "rank-k LoRA on every attn_output/ffn_down write and the token embeddings (scale 1)"
     if support.tied_embeddings:
@@ -269,7 +269,7 @@ def plan_steering(
         if not allow_inexact:
             raise SteeringError(
                 f"{msg}. For the exact ablation use pyrefusal's Runtime, whose hook ablates the embeddings "
-                "(pyrefusal.intervention.arm(runtime, ablation(r), path='auto')); or pass allow_inexact=True "
+                "(pyrefusal.method.intervention.arm(runtime, ablation(r), path='auto')); or pass allow_inexact=True "
                 "(--allow-inexact) to accept the LoRA without the embeddings."
             )
         exact, note = False, msg + " (allow_inexact=True)"
@@ -331,7 +331,7 @@ def steering_from_run(
     expected = results["model"].get("sha256")
     sha = None
     if verify and expected:
-        from pyrefusal.registry import cached_sha256
+        from pyrefusal.data.registry import cached_sha256
 
         sha = cached_sha256(model)
         if sha != expected:
@@ -523,7 +523,7 @@ class SteeredModel:
 
     @property
     def intervention(self) -> iv.Intervention:
-        """The equivalent pyrefusal :class:`~pyrefusal.intervention.Intervention`."""
+        """The equivalent pyrefusal :class:`~pyrefusal.method.intervention.Intervention`."""
         return self._steering.as_intervention()
 
     @property

@@ -1,6 +1,6 @@
 """Cross-lingual refusal directions: extract one per source language, cross-apply, compare geometry.
 
-This is the experiment of Wang et al. (NeurIPS 2025, method.md §7): a refusal direction r_X is
+This is the experiment of Wang et al. (NeurIPS 2025, docs/method.md §7): a refusal direction r_X is
 extracted from prompts in source language X (§3, §4) and ablated while the model answers harmful
 prompts in target language Y. If refusal is mediated by one shared direction, ablating r_X
 removes refusal in every Y. The stages:
@@ -9,7 +9,7 @@ removes refusal in every Y. The stages:
    first tokens of refusals for 8 languages (§4.1). Here they are measured instead: generate a few
    greedy tokens for harmful train prompts, keep the responses a refusal detector flags, count
    their first generated token. The paper's table for the model's family
-   (:data:`pyrefusal.selection.PAPER_REFUSAL_OPENINGS`, else :data:`pyrefusal.selection.REFUSAL_OPENINGS`)
+   (:data:`pyrefusal.method.selection.PAPER_REFUSAL_OPENINGS`, else :data:`pyrefusal.method.selection.REFUSAL_OPENINGS`)
    is the fallback, and explicit openings override both.
 2. **One direction per source language** (:func:`extract_language_directions`): the pipeline's
    stages 2-3 (capture at the post-instruction positions, filter by refusal score, difference
@@ -19,7 +19,7 @@ removes refusal in every Y. The stages:
    prompts (the same rows in every language) with each source's direction ablated, plus the
    unmodified baseline. Completions go to a JSONL file as they are made; a re-run skips finished
    (source, target, prompt) triples.
-4. **Geometry** (method.md §7.4, *our design*, an extension rather than a replicated number):
+4. **Geometry** (docs/method.md §7.4, *our design*, an extension rather than a replicated number):
    cosine of r_X and r_Y layer by layer (:func:`cosine_by_layer`), cosine of the selected
    directions (:func:`selected_cosines`), a 2-D PCA of per-prompt activations
    (:func:`pca_activations`), and projections onto the English direction (:func:`projection_on`).
@@ -50,15 +50,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pyrefusal import intervention as iv
-from pyrefusal.dataset import PolyRefuse, Prompt, default_data_dir, paper_sample
-from pyrefusal.directions import Candidates, random_like, unit
+from pyrefusal.data.polyrefuse import PolyRefuse, Prompt, default_data_dir, paper_sample
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.evaluation import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
-from pyrefusal.extraction import NO_VAL_FILTER, extract_candidates, filter_by_refusal
-from pyrefusal.refusal import RefusalDetector, SubstringDetector
-from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
-from pyrefusal.selection import (
+from pyrefusal.method import intervention as iv
+from pyrefusal.method.directions import Candidates, random_like, unit
+from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
+from pyrefusal.method.selection import (
     PAPER_REFUSAL_OPENINGS,
     Selection,
     SelectionRule,
@@ -66,6 +63,9 @@ from pyrefusal.selection import (
     refusal_token_ids,
     select_direction,
 )
+from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
+from pyrefusal.stages.extract import NO_VAL_FILTER, extract_candidates, filter_by_refusal
+from pyrefusal.stages.generate import Completion, append_jsonl, generate_completions, read_jsonl, wilson_interval
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -172,7 +172,7 @@ def table_refusal_tokens(
     family: str | None = None,
 ) -> RefusalTokens:
     """Refusal tokens from openings: explicit ones (``method="override"``), the paper's for a model of
-    ``family`` (``"paper"``, :data:`~pyrefusal.selection.PAPER_REFUSAL_OPENINGS`) or :data:`REFUSAL_OPENINGS`.
+    ``family`` (``"paper"``, :data:`~pyrefusal.method.selection.PAPER_REFUSAL_OPENINGS`) or :data:`REFUSAL_OPENINGS`.
 
     Raises:
         PyrefusalError: no openings given and none known for ``lang``.
@@ -207,7 +207,7 @@ def derive_refusal_tokens(
     a table entry -> the derived tokens seen fewer times (``"derived-weak"``).
 
     Args:
-        runtime: a :class:`pyrefusal.backend.Runtime` (no plan armed).
+        runtime: a :class:`pyrefusal.runtime.runtime.Runtime` (no plan armed).
         prompts: harmful prompts in ``lang`` (e.g. its harmful train split).
         lang: language code (also passed to the detector).
         detector: judges refusals, e.g. ``SubstringDetector()``.
@@ -396,19 +396,19 @@ def extract_language_directions(
 ) -> dict[str, LanguageDirection]:
     """Extract and select a refusal direction for every language in ``langs``.
 
-    Per language X: paper sampling (:func:`pyrefusal.dataset.paper_sample`, seed ``seed``); refusal
+    Per language X: paper sampling (:func:`pyrefusal.data.polyrefuse.paper_sample`, seed ``seed``); refusal
     tokens of X (``refusal_tokens[X]`` if given, else ``openings[X]``, else derived or the table per
     ``token_method``); capture of the block inputs ``0..L-1`` at the post-instruction positions;
     filtering (harmful s > 0, harmless s < 0 under X's tokens, train and val; unfiltered below
-    :data:`~pyrefusal.extraction.MIN_FILTERED`); :func:`~pyrefusal.directions.mean_difference`;
-    :func:`~pyrefusal.selection.select_direction` (lazy, exact paper top-1).
+    :data:`~pyrefusal.stages.extract.MIN_FILTERED`); :func:`~pyrefusal.method.directions.mean_difference`;
+    :func:`~pyrefusal.method.selection.select_direction` (lazy, exact paper top-1).
 
     With ``out_dir``, each language is saved to ``out_dir/<lang>/`` stage by stage, and files already
     there are reused (resume). The caller must make sure they came from the same settings
     (:func:`run_transfer` checks its ``config.json``).
 
     Args:
-        runtime: a :class:`pyrefusal.backend.Runtime`.
+        runtime: a :class:`pyrefusal.runtime.runtime.Runtime`.
         data: PolyRefuse.
         langs: source languages.
         n_train / n_val / seed: paper sampling sizes and seed.
@@ -561,7 +561,7 @@ class _Extractor:
             return Selection.load(d / "selection.json")
         kept: dict[str, list[Prompt]] = {}
         if filter and lang in NO_VAL_FILTER:
-            self.log(f"{lang}: val prompts not filtered (the paper's rule for this language, method.md §1.4)")
+            self.log(f"{lang}: val prompts not filtered (the paper's rule for this language, docs/method.md §1.4)")
         for kind, positive in (("harmful", True), ("harmless", False)):
             ps = tv[f"{kind}_val"]
             if filter and lang not in NO_VAL_FILTER:
@@ -777,7 +777,7 @@ def transfer_matrix(
 
 
 # =========================================================================================
-# 4. Geometry (method.md §7.4: our design, reported as an extension)
+# 4. Geometry (docs/method.md §7.4: our design, reported as an extension)
 # =========================================================================================
 
 
@@ -1028,7 +1028,7 @@ def write_transfer_report(result: Mapping[str, Any], out_dir: Path) -> Path:
     geo = result.get("geometry", {})
     if geo:
         lines += [
-            "## Geometry (extension; method.md §7.4, our design, not a replicated number)",
+            "## Geometry (extension; docs/method.md §7.4, our design, not a replicated number)",
             "",
             "Cosine similarity of the selected directions (each at its own position and layer):",
             "",
@@ -1103,7 +1103,7 @@ class TransferConfig:
 
     Attributes:
         model: registry name or GGUF path.
-        data_dir: PolyRefuse directory (default :func:`pyrefusal.dataset.default_data_dir`).
+        data_dir: PolyRefuse directory (default :func:`pyrefusal.data.polyrefuse.default_data_dir`).
         sources / targets: languages whose direction is extracted / whose prompts are answered.
         n_train / n_val / n_test: prompts per kind (train, val) and harmful test prompts per target.
         max_new_tokens: tokens generated per test prompt.
@@ -1114,7 +1114,7 @@ class TransferConfig:
         filter: filter train/val prompts by refusal score.
         system_prompt: ``None`` = the chat template's default.
         prompt_format: ``"template"`` (the GGUF chat template) or ``"paper"`` (no system turn at all when
-            ``system_prompt`` is ``None``, as the paper; :attr:`pyrefusal.backend.Runtime.prompt_format`).
+            ``system_prompt`` is ``None``, as the paper; :attr:`pyrefusal.runtime.runtime.Runtime.prompt_format`).
         token_method: ``"derive"`` refusal tokens from the model's refusals (table fallback) or ``"table"``.
         n_token_probe / token_max_new_tokens: prompts and tokens generated to derive refusal tokens.
         refusal_openings: explicit refusal openings per language (override), e.g. ``{"de": ("Ich",)}``.
@@ -1204,7 +1204,7 @@ def run_transfer(
     Chains: refusal tokens and a direction per source language (:func:`extract_language_directions`,
     saved under ``out/directions/``), the transfer matrix (:func:`transfer_matrix`, completions in
     ``out/completions.jsonl``), geometry (cosines, PCA, projections on the English direction, or on
-    the first source's when English is not a source), figures (:mod:`pyrefusal.plots`) and
+    the first source's when English is not a source), figures (:mod:`pyrefusal.reporting.plots`) and
     ``report.md``.
 
     Args:
@@ -1219,7 +1219,7 @@ def run_transfer(
     Raises:
         PyrefusalError: settings clash with ``out``, unknown languages/condition, or selection fails.
     """
-    from pyrefusal.backend import Runtime, build_info
+    from pyrefusal.runtime.runtime import Runtime, build_info
 
     if config.prompt_format not in ("template", "paper"):
         raise PyrefusalError(f"unknown prompt_format {config.prompt_format!r}; choose 'template' or 'paper'")
@@ -1350,7 +1350,7 @@ def _figures(
     transfer: TransferResult,
     geometry: Mapping[str, Any],
 ) -> dict[str, str]:
-    from pyrefusal import plots
+    from pyrefusal.reporting import plots
 
     figs: dict[str, str] = {}
     figs["transfer"] = plots.plot_transfer_matrix(transfer, out / "transfer_matrix.png").name

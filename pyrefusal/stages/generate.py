@@ -2,7 +2,7 @@
 
 Completions are values (:class:`Completion`) written to JSONL as they are produced, so an
 interrupted run keeps what it generated. Refusal detection goes through a
-:class:`~pyrefusal.refusal.RefusalDetector`; every number records which detector made it.
+:class:`~pyrefusal.method.refusal.RefusalDetector`; every number records which detector made it.
 
 Each refused completion also records its *refusal onset*: how many generated tokens the detector
 needed to call it a refusal. From it :func:`summarize` gives the refusal rate a shorter generation
@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pyrefusal import intervention as iv
-from pyrefusal.dataset import Prompt
+from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.refusal import RefusalDetector
+from pyrefusal.method import intervention as iv
+from pyrefusal.method.refusal import RefusalDetector
 from pyrefusal.rundir import read_records
 
 REPETITION_NGRAM = 10
@@ -96,7 +96,7 @@ def generate_completions(
     """Generate greedily for ``prompts`` under ``intervention`` and judge each response.
 
     ``on_batch`` receives each finished batch (e.g. to append it to a JSONL file). ``path`` picks
-    hook or in-graph steering (:func:`pyrefusal.intervention.arm`); the path actually used is
+    hook or in-graph steering (:func:`pyrefusal.method.intervention.arm`); the path actually used is
     stored in ``routes[intervention.name]`` when ``routes`` is given.
     """
     used = iv.arm(runtime, intervention, path=path)

@@ -5,7 +5,7 @@ Two formats, two meanings -- never interchange them:
 * **Control vector** (``--control-vector FILE``): activation ADDITION. llama.cpp adds tensor
   ``direction.N`` to the residual stream after block ``N`` (node ``l_out-N``, the input of
   block ``N + 1``) at every token. It never projects anything out, so a control vector cannot
-  express directional ablation. pyrefusal's :class:`~pyrefusal.intervention.Addition` at block
+  express directional ablation. pyrefusal's :class:`~pyrefusal.method.intervention.Addition` at block
   input ``L`` is ``direction.(L-1)``; block inputs 0 and 1 cannot be steered (llama.cpp has no
   ``direction.0``).
 * **LoRA adapter** (``--lora FILE``, scale 1): directional ABLATION. Removing the span of the
@@ -52,9 +52,9 @@ import gguf
 import numpy as np
 
 from pyrefusal import __version__
+from pyrefusal.data.registry import cache_dir, cached_sha256
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.intervention import orthonormalize
-from pyrefusal.registry import cache_dir, cached_sha256
+from pyrefusal.method.intervention import orthonormalize
 
 __all__ = [
     "CVEC_ARCH",
@@ -282,7 +282,7 @@ def load_control_vector(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
 
     Returns:
         llama.cpp layer ``N`` (>= 1) -> float32 ``(n_embd,)``; pass it to
-        :meth:`pyrefusal.backend.Runtime.set_control_vector`.
+        :meth:`pyrefusal.runtime.runtime.Runtime.set_control_vector`.
 
     Raises:
         ExportError: not a control vector, a ``direction.0``, non-F32 or non-1-D tensors, or
@@ -295,7 +295,9 @@ def load_control_vector(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
         raise ExportError(f"{path} is not a control vector (general.architecture={arch!r}, expected {CVEC_ARCH!r})")
     kind = reader.fields.get("pyrefusal.intervention")
     if kind is not None and kind.contents() != "addition":
-        raise ExportError(f"{path} says pyrefusal.intervention={kind.contents()!r}; a control vector can only add")
+        raise ExportError(
+            f"{path} says pyrefusal.intervention={kind.contents()!r}; a control vector can only add"
+        )
     out: dict[int, np.ndarray] = {}
     for t in reader.tensors:
         m = re.fullmatch(r"direction\.(\d+)", t.name)

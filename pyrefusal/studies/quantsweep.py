@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from pyrefusal import crosslingual as xl
-from pyrefusal.dataset import PolyRefuse, default_data_dir, paper_sample
+from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir, paper_sample
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
-from pyrefusal.refusal import SubstringDetector
+from pyrefusal.method.refusal import SubstringDetector
+from pyrefusal.method.selection import SelectionRule
 from pyrefusal.rundir import RunLock, check_config, write_config
-from pyrefusal.selection import SelectionRule
+from pyrefusal.steering.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
+from pyrefusal.studies import transfer as xl
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -71,7 +71,7 @@ class QuantSweepConfig:
             file itself.
         allow_requantize: permit making variants from an already-quantized model (required then; the
             report says "requantized from <type>, not from original weights").
-        data_dir: PolyRefuse directory (default :func:`pyrefusal.dataset.default_data_dir`).
+        data_dir: PolyRefuse directory (default :func:`pyrefusal.data.polyrefuse.default_data_dir`).
         source_lang: language of the train/val/test prompts and of the refusal tokens.
         n_train / n_val: prompts per kind for extraction / selection (paper sampling, ``seed``).
         n_test: harmful test prompts answered by every (variant, direction) pair.
@@ -161,7 +161,7 @@ class Variant:
         size_bytes / bits_per_weight / tensor_types: file facts (``tensor_types`` counts tensors per
             storage type).
         seconds: wall time per step.
-        selection: :meth:`pyrefusal.crosslingual.LanguageDirection.summary` of its direction.
+        selection: :meth:`pyrefusal.studies.transfer.LanguageDirection.summary` of its direction.
     """
 
     type: str
@@ -181,7 +181,7 @@ class Variant:
 
 def _file_facts(path: Path) -> tuple[int, float, dict[str, int]]:
     """(size, bits per weight of the tensors, tensors per storage type) of a GGUF file."""
-    from pyrefusal.export import read_gguf_header
+    from pyrefusal.steering.export import read_gguf_header
 
     h = read_gguf_header(path)
     n_weights = sum(int(np.prod(t.ne)) for t in h.tensors.values())
@@ -225,8 +225,8 @@ def _extract(
     variant: Variant, data: PolyRefuse, config: QuantSweepConfig, work: Path, log: Log, progress: Progress | None
 ) -> xl.LanguageDirection | None:
     """Extract and select the variant's direction (reusing ``work/<TYPE>/`` files); None if nothing passes."""
-    from pyrefusal.backend import Runtime
-    from pyrefusal.selection import SelectionError
+    from pyrefusal.method.selection import SelectionError
+    from pyrefusal.runtime.runtime import Runtime
 
     d = work / variant.type
     d.mkdir(parents=True, exist_ok=True)
@@ -300,9 +300,9 @@ def run_quant_sweep(
         PyrefusalError: unknown file types, requantization without ``allow_requantize``, missing data, or
             ``out`` holding a sweep with other settings.
     """
-    from pyrefusal.backend import Runtime, build_info
-    from pyrefusal.export import read_gguf_header
-    from pyrefusal.registry import cache_dir, cached_sha256, resolve_model
+    from pyrefusal.data.registry import cache_dir, cached_sha256, resolve_model
+    from pyrefusal.runtime.runtime import Runtime, build_info
+    from pyrefusal.steering.export import read_gguf_header
 
     t_all = time.perf_counter()
     out = Path(out)
@@ -485,7 +485,7 @@ def _plot(results: Mapping[str, Any], path: Path) -> Path:
     """Cross-application heatmap (refusal %) beside the refusal rates per variant."""
     from matplotlib.figure import Figure
 
-    from pyrefusal import plots
+    from pyrefusal.reporting import plots
 
     ref = results["refusal"]
     matrix = ref["matrix"]
@@ -515,7 +515,7 @@ def write_quant_report(results: Mapping[str, Any], out: Path) -> Path:
     Returns:
         Path of ``report.md``.
     """
-    from pyrefusal import plots
+    from pyrefusal.reporting import plots
 
     out = Path(out)
     ref = results["refusal"]

@@ -1,0 +1,1 @@
+"""Reporting: report.md, figures and the formatting they share."""

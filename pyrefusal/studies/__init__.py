@@ -1,0 +1,1 @@
+"""Studies: ``run``, ``transfer`` and ``quant-sweep``, each a composition of the shared stages."""
