@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from pyrefusal.data import fetch as data_mod
 from pyrefusal.data.fetch import (
     FETCH_RECORD_NAME,
     PINNED_COMMIT,
@@ -29,7 +30,6 @@ from pyrefusal.data.fetch import (
     make_manifest,
     verify,
 )
-from pyrefusal.data import fetch as data_mod
 from pyrefusal.errors import DataError
 
 SHARED_POLYREFUSE = Path(__file__).resolve().parents[2] / "shared" / "polyrefuse"

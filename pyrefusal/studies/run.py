@@ -584,7 +584,10 @@ def _run(
     else:
         t = time.perf_counter()
         if config.filter_val and config.source_lang in NO_VAL_FILTER:
-            log(f"val prompts not filtered: source language {config.source_lang!r} (the paper's rule, docs/method.md §1.4)")
+            log(
+                f"val prompts not filtered: source language {config.source_lang!r} "
+                "(the paper's rule, docs/method.md §1.4)"
+            )
         if config.filter_val and config.source_lang not in NO_VAL_FILTER:
             keep = filter_by_refusal(rt, fmt(harmful_val), refusal_ids, True, log, "harmful val")
             harmful_val = [p for p, k in zip(harmful_val, keep, strict=True) if k]
