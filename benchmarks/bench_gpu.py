@@ -734,11 +734,12 @@ def render_md(res: dict[str, Any]) -> str:
         (
             f"Counts from docs/method.md §10 (5 positions x n_layer candidates, 32 val prompts, 14 languages x "
             f"{N_TEST} prompts x 2 reported conditions), prompt tokens at the benchmark's prompt length, rates "
-            f"measured above at the largest batch. `measured lengths` = mean completion lengths {s['len_baseline']:g} (baseline) and "
+            f"measured above at the largest batch. `measured lengths` = mean completion lengths "
+            f"{s['len_baseline']:g} (baseline) and "
             f"{s['len_ablated']:g} (ablated) tokens (the paper's content lengths, docs/method.md §10); `max 512` = "
             "every completion runs to 512 tokens, as HF generate does in batches. Generation rates were measured on "
-            "short contexts, so long completions will be somewhat slower. Judging (WildGuard-7B, one ~1k-token call per "
-            "completion) and back-translation are not in the total; a rough judge time at the plain rates is listed."
+            "short contexts, so long completions will be somewhat slower. Judging (WildGuard-7B, one ~1k-token call "
+            "per completion) and back-translation are not in the total; a rough judge time at the plain rates is listed."
         ),
         "",
     ]
