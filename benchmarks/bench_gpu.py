@@ -739,7 +739,8 @@ def render_md(res: dict[str, Any]) -> str:
             f"{s['len_ablated']:g} (ablated) tokens (the paper's content lengths, docs/method.md §10); `max 512` = "
             "every completion runs to 512 tokens, as HF generate does in batches. Generation rates were measured on "
             "short contexts, so long completions will be somewhat slower. Judging (WildGuard-7B, one ~1k-token call "
-            "per completion) and back-translation are not in the total; a rough judge time at the plain rates is listed."
+            "per completion) and back-translation are not in the total; a rough judge time at the plain rates is "
+            "listed."
         ),
         "",
     ]
