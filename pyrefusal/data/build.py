@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pyrefusal.data.polyrefuse import KINDS, SPLITS, Kind, PolyRefuse, Split, file_name
+from pyrefusal.data.registry import sha256_file
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.runtime.runtime import sha256_of
 
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE",
@@ -480,7 +480,7 @@ def build_split(
     name = _name_of(lang, language_name)
     source_prompts = data.load("en", split, kind)  # raises with a fetch hint if missing
     source_path = data.path("en", split, kind)
-    source_sha = sha256_of(source_path)
+    source_sha = sha256_file(source_path)
     n_source = len(source_prompts)
     n_target = n_source if limit is None else max(0, min(limit, n_source))
     side_path = sidecar_path(root, lang, split, kind)

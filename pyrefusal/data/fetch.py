@@ -27,7 +27,6 @@ CLI.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import logging
@@ -47,7 +46,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pyrefusal.data.polyrefuse import EN_POOLS_DIRNAME, KINDS, PAPER_LANGUAGES, SPLITS, PolyRefuse, default_data_dir
+from pyrefusal.data.polyrefuse import (
+    EN_POOLS_DIRNAME,
+    FILE_RE,
+    KINDS,
+    SPLITS,
+    PolyRefuse,
+    default_data_dir,
+    language_order,
+)
+from pyrefusal.data.registry import sha256_file
 from pyrefusal.errors import DataError
 
 __all__ = [
@@ -97,7 +105,6 @@ RETRY_BACKOFF_S = 1.0
 
 _CHUNK = 1 << 20
 _USER_AGENT = "pyrefusal-data-fetch/1 (+https://github.com/mainlp/Multilingual-Refusal)"
-_FILE_RE = re.compile(r"^(harmful|harmless)_(train|val|test)_translated_([A-Za-z0-9][A-Za-z0-9-]*)\.json$")
 _POOL_RE = re.compile(r"^harmless_(train|val)\.json$")
 _EN_SOURCES = {
     "harmful_train_translated_en.json": "dataset/splits/harmful_train.json",
@@ -162,25 +169,13 @@ class ManifestFile:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _language_order(lang: str) -> tuple[int, str]:
-    return (PAPER_LANGUAGES.index(lang), lang) if lang in PAPER_LANGUAGES else (len(PAPER_LANGUAGES), lang)
-
-
 def _describe_local_file(directory: Path, rel: str) -> dict[str, Any] | None:
     """Classify one file of a data directory for :func:`make_manifest` (``None``: not a dataset file)."""
     path = directory / rel
     parts = rel.split("/")
     if rel == _LICENSE:
         return {"name": rel, "upstream": _LICENSE, "lang": None, "split": None, "kind": None, "pool": False}
-    if len(parts) == 1 and (match := _FILE_RE.match(rel)):
+    if len(parts) == 1 and (match := FILE_RE.match(rel)):
         kind, split, lang = match.groups()
         upstream = _EN_SOURCES.get(rel, f"PolyRefuse/{rel}")
         return {"name": rel, "upstream": upstream, "lang": lang, "split": split, "kind": kind, "pool": False}
@@ -259,7 +254,7 @@ def make_manifest(directory: Path | str, *, commit: str = PINNED_COMMIT) -> dict
                 name=rel,
                 upstream=entry["upstream"],
                 size=path.stat().st_size,
-                sha256=_sha256(path),
+                sha256=sha256_file(path),
                 records=records,
                 lang=entry["lang"],
                 split=entry["split"],
@@ -280,7 +275,7 @@ def make_manifest(directory: Path | str, *, commit: str = PINNED_COMMIT) -> dict
         if f"{kind}/{split}" in counts
     }
     present = {(f["lang"], f["split"], f["kind"]) for f in released}
-    langs = sorted({f["lang"] for f in released}, key=_language_order)
+    langs = sorted({f["lang"] for f in released}, key=language_order)
     missing = [
         {
             "name": f"{kind}_{split}_translated_{lang}.json",
@@ -655,7 +650,7 @@ def _fetch_one(
 
     if final.is_file():
         size = final.stat().st_size
-        sha = _sha256(final) if size == entry.size or (not verify_hash and accepted_sha) else None
+        sha = sha256_file(final) if size == entry.size or (not verify_hash and accepted_sha) else None
         if sha == entry.sha256 or (not verify_hash and sha is not None and sha == accepted_sha):
             result.status, result.size, result.sha256 = "present", size, sha
             result.hash_matches = sha == entry.sha256
@@ -665,7 +660,7 @@ def _fetch_one(
     final.parent.mkdir(parents=True, exist_ok=True)
     if part.is_file() and part.stat().st_size >= entry.size:
         # A complete (or over-long) leftover: keep it if it is the right file, else start over.
-        if part.stat().st_size == entry.size and _sha256(part) == entry.sha256:
+        if part.stat().st_size == entry.size and sha256_file(part) == entry.sha256:
             os.replace(part, final)
             result.status, result.size, result.sha256, result.hash_matches = (
                 "resumed",
@@ -694,7 +689,7 @@ def _fetch_one(
             if result.attempts < retries:
                 time.sleep(RETRY_BACKOFF_S * 2 ** (result.attempts - 1))
             continue
-        got = _sha256(part)
+        got = sha256_file(part)
         if got != entry.sha256 and resumed and not restarted:
             # The kept .part may belong to another version of the file: one fresh download before judging.
             part.unlink(missing_ok=True)
@@ -1099,11 +1094,11 @@ def verify(root: Path | str | None = None, *, manifest: Mapping[str, Any] | None
 
     langs = {e.lang for e in by_name.values() if e.lang and not e.pool}
     if base.is_dir():
-        langs |= {m.group(3) for p in base.iterdir() if (m := _FILE_RE.match(p.name)) and p.is_file()}
+        langs |= {m.group(3) for p in base.iterdir() if (m := FILE_RE.match(p.name)) and p.is_file()}
 
     targets: list[tuple[str, str, str, str, bool]] = [
         (f"{kind}_{split}_translated_{lang}.json", lang, split, kind, False)
-        for lang in sorted(langs, key=_language_order)
+        for lang in sorted(langs, key=language_order)
         for kind in KINDS
         for split in SPLITS
     ]
@@ -1140,7 +1135,7 @@ def verify(root: Path | str | None = None, *, manifest: Mapping[str, Any] | None
                 data.load(lang, split, kind)  # type: ignore[arg-type]
         except DataError as exc:
             check.schema_error = str(exc)
-        check.sha256 = _sha256(path)
+        check.sha256 = sha256_file(path)
         if entry is None:
             check.hash_status = "not-in-manifest"
         else:

@@ -67,7 +67,8 @@ EN_POOLS_DIRNAME = "en-pools"
 """Optional sub-directory with the full English Alpaca pools ``harmless_train.json``/``harmless_val.json``."""
 
 _LANG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_FILE_RE = re.compile(rf"^(harmful|harmless)_(train|val|test)_translated_({_LANG_RE.pattern})\.json$")
+FILE_RE = re.compile(rf"^(harmful|harmless)_(train|val|test)_translated_({_LANG_RE.pattern})\.json$")
+"""A released PolyRefuse file name: groups kind, split, language (``harmful_train_translated_en.json``)."""
 _FETCH_HINT = (
     "run `pyrefusal data fetch` or pass --data-dir pointing at a directory with files like "
     "harmful_train_translated_en.json"
@@ -182,7 +183,8 @@ def _check_kind_split(split: str, kind: str) -> None:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def _language_order(lang: str) -> tuple[int, str]:
+def language_order(lang: str) -> tuple[int, str]:
+    """Sort key: the paper's languages in its plotting order (:data:`PAPER_LANGUAGES`), then the others by code."""
     try:
         return (PAPER_LANGUAGES.index(lang), lang)
     except ValueError:
@@ -327,7 +329,7 @@ class PolyRefuse:
         found: dict[str, dict[tuple[Split, Kind], Path]] = {}
         if self.root.is_dir():
             for path in self.root.iterdir():
-                match = _FILE_RE.match(path.name)
+                match = FILE_RE.match(path.name)
                 if match and path.is_file():
                     kind, split, lang = match.groups()
                     found.setdefault(lang, {})[(split, kind)] = path  # type: ignore[index]
@@ -352,7 +354,7 @@ class PolyRefuse:
         Raises:
             DataError: If the directory is missing or holds no PolyRefuse file.
         """
-        return sorted(self._scan(), key=_language_order)
+        return sorted(self._scan(), key=language_order)
 
     def has(self, lang: str, split: Split, kind: Kind) -> bool:
         """Return whether the file for ``lang``/``split``/``kind`` exists.
@@ -376,7 +378,7 @@ class PolyRefuse:
         """
         scan = self._scan()
         table: dict[str, dict[str, int | None]] = {}
-        for lang in sorted(scan, key=_language_order):
+        for lang in sorted(scan, key=language_order):
             row: dict[str, int | None] = {}
             for kind in KINDS:
                 for split in SPLITS:

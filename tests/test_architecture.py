@@ -1,0 +1,77 @@
+"""The package's architecture rules that import-linter cannot see (its layers are checked by `lint-imports` in CI).
+
+* no module imports another module's private (underscore) name;
+* exactly one module, ``pyrefusal/runtime/capi.py``, touches llama.cpp's C API (``llama_cpp.llama_*``,
+  ``llama_cpp.ggml_*`` and the C constants), so ABI changes of the pinned llama-cpp-python land in one file.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pyrefusal"
+C_API_MODULE = PACKAGE / "runtime" / "capi.py"
+C_API_PREFIXES = ("llama_", "ggml_", "LLAMA_", "GGML_")
+
+
+def _where(path: Path) -> str:
+    return path.relative_to(PACKAGE.parent).as_posix() if path.is_relative_to(PACKAGE) else path.name
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _private_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pyrefusal":
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__") and alias.name != "_core"
+                if private:
+                    bad.append(f"{_where(path)}:{node.lineno} imports {node.module}.{alias.name}")
+    return bad
+
+
+def _c_api_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    uses = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "llama_cpp"
+            and node.attr.startswith(C_API_PREFIXES)
+        ):
+            uses.append(f"{_where(path)}:{node.lineno} llama_cpp.{node.attr}")
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llama_cpp"):
+            uses += [
+                f"{_where(path)}:{node.lineno} from {node.module} import {a.name}"
+                for a in node.names
+                if a.name.startswith(C_API_PREFIXES) or node.module == "llama_cpp.llama_cpp"
+            ]
+    return uses
+
+
+def test_no_module_imports_a_private_name() -> None:
+    bad = [line for path in _modules() for line in _private_imports(path)]
+    assert not bad, "make these names public (and documented) or move them:\n" + "\n".join(bad)
+
+
+@pytest.mark.skipif(not C_API_MODULE.exists(), reason="runtime/capi.py not written yet")
+def test_only_the_capi_module_calls_the_c_api() -> None:
+    outside = [line for path in _modules() if path != C_API_MODULE for line in _c_api_uses(path)]
+    assert not outside, "llama.cpp C API calls outside pyrefusal/runtime/capi.py:\n" + "\n".join(outside)
+    assert _c_api_uses(C_API_MODULE), "capi.py should be where the C API is called"
+
+
+def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
+    """The scanners are not vacuous: a private import and a C call in a module are reported."""
+    fake = tmp_path / "x.py"
+    fake.write_text("import llama_cpp\nfrom pyrefusal.rundir import _alive\nllama_cpp.llama_decode(None, None)\n")
+    assert _private_imports(fake) == ["x.py:2 imports pyrefusal.rundir._alive"]
+    assert _c_api_uses(fake) == ["x.py:3 llama_cpp.llama_decode"]
