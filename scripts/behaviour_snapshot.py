@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "polyrefuse"
-VOLATILE = {"timings", "timings_previous", "wall_s", "elapsed_s", "pid"}
+VOLATILE = {"timings", "timings_previous", "wall_s", "elapsed_s", "pid", "seconds"}
+# report.md rows that hold wall-clock seconds
+TIMING_LINE = re.compile(r"^\| [a-z_]+ \| [\d.]+ \|$|^Total wall time ")
 # Files whose bytes depend on the wall clock or the matplotlib build, not on pyrefusal's behaviour.
 SKIP_SUFFIXES = (".png", ".log", ".lock")
 
@@ -93,22 +96,31 @@ def _runs(out: Path, real: bool) -> None:
             _cli("report", "--quiet", str(copy))
 
 
-def _manifest(out: Path) -> dict[str, Any]:
+def _normalised(p: Path, origin: str) -> str:
+    """A text file with the directory it was written in replaced by ``$OUT`` and timing rows dropped."""
+    text = p.read_text(encoding="utf-8").replace(origin, "$OUT")
+    return "\n".join(line for line in text.splitlines() if not TIMING_LINE.search(line))
+
+
+def _manifest(out: Path, origin: str) -> dict[str, Any]:
     files: dict[str, Any] = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
         if not p.is_file() or p.name.endswith(SKIP_SUFFIXES) or rel.startswith("qs-work") or rel == "manifest.json":
             continue
-        entry: dict[str, Any] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        data = _normalised(p, origin).encode() if p.suffix in (".json", ".jsonl", ".md") else p.read_bytes()
+        entry: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest()}
         if p.suffix == ".json":
-            entry["content"] = _strip(json.loads(p.read_text()))
+            entry["content"] = _strip(json.loads(data))
         files[rel] = entry
     return files
 
 
 def _compare(now: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Files that differ; runs absent from ``now`` as a whole (``run-default`` without ``--real``) are skipped."""
+    ran = {rel.split("/")[0] for rel in now}
     bad = []
-    for rel in sorted(set(now) | set(ref)):
+    for rel in sorted(set(now) | {r for r in ref if r.split("/")[0] in ran}):
         a, b = now.get(rel), ref.get(rel)
         if a is None or b is None:
             bad.append(f"{rel}: {'missing now' if a is None else 'new'}")
@@ -123,11 +135,12 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="also run the default model (minutes)")
     ap.add_argument("--compare", type=Path, help="a manifest.json to compare with")
     ap.add_argument("--only-compare", action="store_true", help="do not run, compare OUT's files")
+    ap.add_argument("--origin", help="the directory OUT's files were written in, if they were moved (default: OUT)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.only_compare:
         _runs(a.out, a.real)
-    files = _manifest(a.out)
+    files = _manifest(a.out, a.origin or str(a.out))
     (a.out / "manifest.json").write_text(json.dumps(files, indent=1, ensure_ascii=False))
     print(f"{len(files)} files recorded in {a.out / 'manifest.json'}")
     if a.compare:
