@@ -69,6 +69,22 @@ def test_only_the_capi_module_calls_the_c_api() -> None:
     assert _c_api_uses(C_API_MODULE), "capi.py should be where the C API is called"
 
 
+def test_the_c_api_contract_covers_every_module() -> None:
+    """import-linter's ctypes contract lists modules explicitly: a new module must not slip past it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contract = next(c for c in config["contracts"] if c["id"] == "c-api-in-one-module")
+    covered = tuple(contract["source_modules"])
+    names = [".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in _modules()]
+    names = [n.removesuffix(".__init__") for n in names if n != "pyrefusal.__init__" and not n.endswith("capi")]
+    missing = [n for n in names if not any(n == c or n.startswith(c + ".") for c in covered)]
+    missing = [n for n in missing if n not in ("pyrefusal.runtime",)]  # the package itself: re-exports only
+    assert not missing, f"add these to the c-api-in-one-module contract in pyproject.toml: {missing}"
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     """The scanners are not vacuous: a private import and a C call in a module are reported."""
     fake = tmp_path / "x.py"
