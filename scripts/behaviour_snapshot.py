@@ -26,7 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "polyrefuse"
-VOLATILE = {"timings", "timings_previous", "wall_s", "elapsed_s", "pid", "seconds"}
+VOLATILE = {"timings", "timings_previous", "wall_s", "elapsed_s", "pid", "seconds", "seconds_total"}
 # report.md rows that hold wall-clock seconds
 TIMING_LINE = re.compile(r"^\| [a-z_]+ \| [\d.]+ \|$|^Total wall time ")
 # Files whose bytes depend on the wall clock or the matplotlib build, not on pyrefusal's behaviour.
@@ -111,7 +111,7 @@ def _manifest(out: Path, origin: str) -> dict[str, Any]:
         data = _normalised(p, origin).encode() if p.suffix in (".json", ".jsonl", ".md") else p.read_bytes()
         entry: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest()}
         if p.suffix == ".json":
-            entry["content"] = _strip(json.loads(data))
+            entry["content"] = _strip(json.loads(data, parse_constant=str))  # NaN as "NaN": comparable
         files[rel] = entry
     return files
 
