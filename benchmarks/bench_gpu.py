@@ -64,6 +64,7 @@ from typing_extensions import Self
 
 from pyrefusal.method import intervention as iv
 from pyrefusal.runtime.runtime import PlanEntry, Runtime, build_info
+from pyrefusal.steering import router
 
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "capture", "hook_ablation", "lora_ablation", "cvec", "hook_addition")
@@ -277,9 +278,9 @@ class Bench:
             assert rt.hook is not None
             rt.hook.set_capture_buffer(n_seq, rt.n_layer + 1)
         elif mode == "hook_ablation":
-            iv.arm(rt, iv.ablation(self.r))
+            router.arm(rt, iv.ablation(self.r))
         elif mode == "hook_addition":
-            iv.arm(rt, iv.actadd(self.r, layer=self.layer, coeff=1.0))
+            router.arm(rt, iv.actadd(self.r, layer=self.layer, coeff=1.0))
         elif mode == "cvec":
             rt.set_control_vector({self.layer - 1 if self.layer > 1 else 1: self.r})
         elif mode == "lora_ablation":
@@ -368,9 +369,9 @@ def memory_probe_child(path: Path, n_ctx: int, n_seq: int, prompt_len: int, gen:
     prompts = random_prompts(rt.n_vocab, n_seq, prompt_len, seed=7)
     r = direction(rt.n_embd)
     rt.capture(prompts, positions=list(range(-N_POS, 0)))  # extraction
-    iv.arm(rt, iv.ablation(r))
+    router.arm(rt, iv.ablation(r))
     rt.last_logits(prompts)  # selection
-    iv.arm(rt, iv.harm_ablation(r, layer=rt.n_layer // 2))
+    router.arm(rt, iv.harm_ablation(r, layer=rt.n_layer // 2))
     rt.generate(prompts, gen, stop_at_eog=False)  # evaluation
     assert rt.hook is not None
     stats = rt.hook.stats()

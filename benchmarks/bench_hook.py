@@ -34,6 +34,7 @@ import numpy as np
 from pyrefusal.data.registry import DEFAULT_MODEL, resolve_model
 from pyrefusal.method import intervention as iv
 from pyrefusal.runtime.runtime import PlanEntry, Runtime, build_info
+from pyrefusal.steering import router
 
 MODES = ("plain", "hook_idle", "capture", "ablation", "addition", "cvec", "lora", "merged")
 
@@ -51,15 +52,15 @@ def _prompts(rt: Runtime, n: int, length: int, seed: int) -> list[list[int]]:
 def _arm(rt: Runtime, mode: str, r: np.ndarray, n_seq: int) -> None:
     rt.clear_plan()
     if mode == "lora":
-        iv.arm(rt, iv.ablation(r), path="graph")
+        router.arm(rt, iv.ablation(r), path="graph")
     elif mode == "capture":
         plan = {rt.nodes.block_input(lay): PlanEntry(capture_layer=lay) for lay in range(rt.n_layer + 1)}
         rt.set_plan(plan)
         rt.hook.set_capture_buffer(max(n_seq, 1) * 64, rt.n_layer + 1)
     elif mode == "ablation":
-        iv.arm(rt, iv.ablation(r))
+        router.arm(rt, iv.ablation(r))
     elif mode == "addition":
-        iv.arm(rt, iv.actadd(r, layer=rt.n_layer // 2, coeff=1.0))
+        router.arm(rt, iv.actadd(r, layer=rt.n_layer // 2, coeff=1.0))
     elif mode == "cvec":
         rt.set_control_vector({rt.n_layer // 2 - 1: r})
 

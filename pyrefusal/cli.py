@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
 
 import click
 
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.settings import QuantSweepSettings, RunSettings, Settings, TransferSettings
 
 
 def _fail(e: Exception) -> None:
@@ -46,43 +48,84 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-# Config fields whose option has another name.
-_OPTION_OF = {"n_threads": "threads", "n_seq_max": "n_seq"}
-
-C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound="Settings")
 
 
-def _to_config(cls: type[C], kw: Mapping[str, Any], **special: Any) -> C:
-    """A config dataclass from click's options.
+def _option_default(value: object) -> object:
+    """A field's default as the option's default text (tuples comma-separated, mappings empty)."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, Mapping):
+        return ""
+    return value
 
-    Each field takes the option of the same name (or :data:`_OPTION_OF`'s): a path becomes a string,
-    comma-separated text becomes a tuple where the field's default is a tuple. ``special`` sets the
-    fields that no option maps to one to one; fields without either keep their defaults.
+
+def _settings_option(cls: type[Settings], name: str) -> Callable[[F], F]:
+    """The ``click.option`` of settings field ``name``, from its type, default and :class:`FieldSpec`."""
+    spec, tp = cls.spec(name), cls.field_types()[name]
+    option = "--" + (spec.option or name.replace("_", "-"))
+    default = cls.defaults()[name]
+    kw: dict[str, Any] = {"help": spec.help}
+    if spec.envvar:
+        kw["envvar"] = spec.envvar
+    if spec.flag is not None:  # a bare flag that sets the field to spec.flag
+        return click.option(option, is_flag=True, **kw)
+    if spec.pair:
+        return click.option(f"{option}/--no-{option[2:]}", default=default, show_default=True, **kw)
+    choices = None if get_origin(tp) is tuple else cls.choices(name)
+    if choices is not None:
+        kw["type"] = click.Choice([str(c) for c in choices])
+    elif spec.path:
+        kw["type"] = click.Path(file_okay=False, path_type=Path)
+    elif default is None and get_origin(tp) in (Union, UnionType) and int in get_args(tp):
+        kw["type"] = int
+    text = _option_default(default)
+    return click.option(option, default=text, show_default=text not in (None, ""), **kw)
+
+
+def settings_options(cls: type[Settings]) -> Callable[[F], F]:
+    """Decorate a command with one click option per field in ``cls.OPTIONS`` (in that order): option name, default,
+    help, ``click.Choice`` of a ``Literal`` and flag forms from the field (:func:`pyrefusal.settings.setting`)."""
+
+    def decorate(f: F) -> F:
+        for name in reversed(cls.OPTIONS):
+            f = _settings_option(cls, name)(f)
+        return f
+
+    return decorate
+
+
+def settings_from_options(
+    cls: type[S], kw: Mapping[str, Any], ctx: click.Context | None = None, preset: str = "quick"
+) -> S:
+    """Settings of ``preset`` with the options given on the command line (or the environment) on top.
+
+    Every field takes the option that sets it (a path becomes a string, comma-separated text a tuple, a given flag
+    its value; a flag such as ``--no-filter`` may set several fields). With ``ctx``, options left at their defaults
+    do not override the preset (``--preset paper --n-test 50``).
     """
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        name = _OPTION_OF.get(f.name, f.name)
-        if f.name in special:
-            values[f.name] = special[f.name]
-        elif name in kw:
-            v = kw[name]
-            if isinstance(v, Path):
-                v = str(v)
-            elif isinstance(v, str) and isinstance(f.default, tuple):
-                v = _csv(v)
-            values[f.name] = v
-    return cls(**values)
-
-
-_prompt_format_option = click.option(
-    "--prompt-format",
-    type=click.Choice(["template", "paper"]),
-    default="template",
-    show_default=True,
-    help="Without --system-prompt: 'template' renders the GGUF chat template, with the default system prompt it "
-    "may add (Qwen2.5: 'You are Qwen, created by Alibaba Cloud...'), as llama.cpp chat apps do; 'paper' renders "
-    "the user turn alone, no system turn, as the paper (ChatML, Llama 3 and Gemma templates).",
-)
+    for f in dataclasses.fields(cls):
+        spec = cls.spec(f.name)
+        param = (spec.option or f.name).replace("-", "_")
+        if param not in kw:
+            continue
+        if ctx is not None and ctx.get_parameter_source(param) in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        v = kw[param]
+        if spec.flag is not None:
+            if not v:
+                continue
+            v = spec.flag
+        elif isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, str) and spec.parse is not None:
+            v = spec.parse(v)
+        elif isinstance(v, str) and get_origin(cls.field_types()[f.name]) is tuple:
+            v = _csv(v)
+        values[f.name] = v
+    return cls.preset(preset, **values)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "PYREFUSAL", "help_option_names": ["-h", "--help"]})
@@ -109,83 +152,7 @@ def doctor() -> None:
 
 
 @main.command()
-@click.option(
-    "--model",
-    default="qwen2.5-coder-0.5b-instruct-q4_k_m",
-    show_default=True,
-    help="Registry name, local .gguf path, or hub spec hf://owner/repo/file.gguf.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="PYREFUSAL_DATA_DIR",
-    help="Directory in PolyRefuse's released layout (default: the cache filled by `pyrefusal data fetch`).",
-)
-@click.option("--source-lang", default="en", show_default=True, help="Language of the train/val prompts.")
-@click.option("--target-langs", default="en,de,zh,ja", show_default=True, help="Comma-separated test languages.")
-@click.option("--n-train", default=32, show_default=True, help="Train prompts per class (paper: 128).")
-@click.option("--n-val", default=8, show_default=True, help="Val prompts per class (paper: 32).")
-@click.option("--n-test", default=12, show_default=True, help="Test prompts per class and language (paper: 572).")
-@click.option("--max-new-tokens", default=48, show_default=True, help="Greedy tokens per completion (paper: 512).")
-@click.option("--seed", default=1, show_default=True, help="Sampling seed (paper: 1).")
-@click.option(
-    "--conditions",
-    default="baseline,ablation",
-    show_default=True,
-    help="Comma-separated: baseline, ablation, actadd, induce, harm_ablation, random_ablation.",
-)
-@click.option("--kl-threshold", default=0.2, show_default=True, help="Selection: max KL on harmless val (paper 0.2).")
-@click.option(
-    "--steering-filter/--no-steering-filter",
-    default=False,
-    show_default=True,
-    help="Selection: also require steering score >= 0 (Arditi et al.).",
-)
-@click.option(
-    "--direction-projection",
-    type=click.Choice(["none", "harmless"]),
-    default="none",
-    show_default=True,
-    help="harmless = make every candidate orthogonal to the harmless mean before selection (the "
-    "'projected' abliteration of heretic and jim-plus); none = the paper's plain difference in means.",
-)
-@click.option("--all-scores", is_flag=True, help="Score KL for every candidate (heatmaps), not only down to the pick.")
-@click.option("--no-filter", is_flag=True, help="Do not filter train/val prompts by the model's refusal score.")
-@click.option("--refusal-openings", default="", help="Comma-separated first words of refusals in the source language.")
-@click.option("--system-prompt", default=None, help="System prompt (default: the chat template's own default).")
-@_prompt_format_option
-@click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
-@click.option(
-    "--judge",
-    type=click.Choice(["none", "wildguard", "llama-guard-3"]),
-    default="none",
-    show_default=True,
-    help="Also judge harmful completions with a guard model (needs --judge-model).",
-)
-@click.option("--judge-model", default=None, help="Guard model GGUF (path, registry name or hub spec).")
-@click.option(
-    "--judge-translator",
-    default=None,
-    help="Chat GGUF that back-translates non-English responses to English before judging, as the paper "
-    "does (registry name, path, hub spec, or 'self' for the model under test); cached in the run directory.",
-)
-@click.option(
-    "--capability/--no-capability",
-    default=True,
-    show_default=True,
-    help="Measure perplexity on held-out text and first-token KL per intervention.",
-)
-@click.option(
-    "--steering",
-    type=click.Choice(["auto", "hook", "graph"]),
-    default="auto",
-    show_default=True,
-    help="How interventions are applied in generation: llama.cpp adapters in the graph (LoRA ablation, "
-    "control vector), our hook, or auto (in-graph on a GPU, hook on CPU).",
-)
-@click.option("--n-seq", default=16, show_default=True, help="Sequences decoded together.")
-@click.option("--n-gpu-layers", default=-1, show_default=True, help="-1 = all when llama.cpp has GPU offload.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@settings_options(RunSettings)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -196,7 +163,7 @@ def doctor() -> None:
 @click.option("--force", is_flag=True, help="Discard what --out holds and start over.")
 @click.option(
     "--preset",
-    type=click.Choice(["quick", "paper"]),
+    type=click.Choice(list(RunSettings.PRESETS)),
     default="quick",
     show_default=True,
     help="paper = the paper's sizes and prompts (128/32 train/val, 572 test, 512 tokens, baseline + harm_ablation "
@@ -206,32 +173,12 @@ def doctor() -> None:
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
     """Extract, select and evaluate the refusal direction, end to end (resumable)."""
-    if kw.pop("preset") == "paper":
-        paper = {
-            "n_train": 128,
-            "n_val": 32,
-            "n_test": 572,
-            "max_new_tokens": 512,
-            "conditions": "baseline,ablation,harm_ablation",
-            "prompt_format": "paper",
-        }
-        for key, value in paper.items():
-            if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
-                kw[key] = value
-    from pyrefusal.studies.run import RunConfig, run_pipeline
+    from pyrefusal.studies.run import run_pipeline
 
-    config = _to_config(
-        RunConfig,
-        kw,
-        filter_train=not kw["no_filter"],
-        filter_val=not kw["no_filter"],
-        selection_mode="all" if kw["all_scores"] else "lazy",
-    )
-    progress = _progress_bars()
-
+    config = settings_from_options(RunSettings, kw, ctx, preset=kw["preset"])
     try:
         results = run_pipeline(
-            config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True), progress=progress
+            config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True), progress=_progress_bars()
         )
     except PyrefusalError as e:
         _fail(e)
@@ -262,50 +209,18 @@ def report(run_dir: Path, quiet: bool) -> None:
 
 
 @main.command()
-@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
-@click.option("--sources", default="en,de,zh,ja", show_default=True, help="Languages whose directions are extracted.")
-@click.option("--targets", default="en,de,zh,ja,ru", show_default=True, help="Languages evaluated.")
-@click.option("--n-train", default=16, show_default=True)
-@click.option("--n-val", default=6, show_default=True)
-@click.option("--n-test", default=8, show_default=True)
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--seed", default=1, show_default=True)
-@click.option("--kl-threshold", default=0.2, show_default=True)
-@click.option("--condition", type=click.Choice(["ablation", "harm_ablation"]), default="ablation", show_default=True)
-@click.option("--detector", type=click.Choice(["multilingual", "paper"]), default="multilingual", show_default=True)
-@click.option(
-    "--token-method",
-    type=click.Choice(["derive", "table"]),
-    default="derive",
-    show_default=True,
-    help="Refusal tokens per language: from the model's own refusals, or the built-in table.",
-)
-@click.option("--refusal-openings", default="", help='Per-language overrides, e.g. "de=Ich,Es;ja=申し訳".')
-@_prompt_format_option
-@click.option(
-    "--random-control/--no-random-control",
-    default=True,
-    show_default=True,
-    help="Also ablate a random direction with the first source's norm (the control row).",
-)
-@click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", default=-1, show_default=True)
+@settings_options(TransferSettings)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/transfer"), show_default=True
 )
 @click.option("--force", is_flag=True)
 @click.option("--no-plots", is_flag=True)
-def transfer(**kw: Any) -> None:
+@click.pass_context
+def transfer(ctx: click.Context, **kw: Any) -> None:
     """Directions from several source languages, the source x target transfer matrix, cosines, plots."""
-    from pyrefusal.studies.transfer import TransferConfig, run_transfer
+    from pyrefusal.studies.transfer import run_transfer
 
-    openings = {}
-    for part in kw["refusal_openings"].split(";"):
-        if "=" in part:
-            lang, words = part.split("=", 1)
-            openings[lang.strip()] = _csv(words)
-    config = _to_config(TransferConfig, kw, refusal_openings=openings)
+    config = settings_from_options(TransferSettings, kw, ctx)
     try:
         run_transfer(
             config,
@@ -322,36 +237,17 @@ def transfer(**kw: Any) -> None:
 
 
 @main.command("quant-sweep")
-@click.option("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", show_default=True)
-@click.option("--types", default="q8_0,q5_k_m,q4_k_m,q3_k_m,q2_k", show_default=True)
-@click.option(
-    "--allow-requantize",
-    is_flag=True,
-    help="Required when the source is already quantized: variants are derived from quantized weights.",
-)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
-@click.option("--n-train", default=16, show_default=True)
-@click.option("--n-val", default=6, show_default=True)
-@click.option("--n-test", default=12, show_default=True)
-@click.option("--max-new-tokens", default=24, show_default=True)
-@click.option("--positions", default="", help="Comma-separated eoi positions to consider (default: all).")
-@click.option("--seed", default=1, show_default=True)
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where the variant GGUFs go (default: the cache).",
-)
-@click.option("--threads", type=int, default=None)
+@settings_options(QuantSweepSettings)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quant-sweep"), show_default=True
 )
 @click.option("--force", is_flag=True)
-def quant_sweep(**kw: Any) -> None:
+@click.pass_context
+def quant_sweep(ctx: click.Context, **kw: Any) -> None:
     """Quantization variants of one model: direction per type, cross-applied, cosines, report."""
-    from pyrefusal.studies.quantsweep import QuantSweepConfig, run_quant_sweep
+    from pyrefusal.studies.quantsweep import run_quant_sweep
 
-    config = _to_config(QuantSweepConfig, kw, positions=tuple(int(p) for p in _csv(kw["positions"])))
+    config = settings_from_options(QuantSweepSettings, kw, ctx)
     try:
         run_quant_sweep(
             config, kw["out"], log=lambda s: click.echo(s, err=True), progress=_progress_bars(), force=kw["force"]
@@ -560,7 +456,7 @@ def _steering_options(f: Any) -> Any:
 @click.option("--temperature", default=0.0, show_default=True)
 def chat(
     run_dir: Path,
-    intervention: str,
+    intervention: Literal["ablation", "addition"],
     layer: int | None,
     coeff: float,
     model: str | None,
@@ -579,7 +475,7 @@ def chat(
             run_dir,
             intervention=intervention,
             layer=layer,
-            coeff=coeff,  # type: ignore[arg-type]
+            coeff=coeff,
             model_path=model,
             allow_inexact=allow_inexact,
             n_ctx=n_ctx,
@@ -599,7 +495,7 @@ def chat(
 @click.option("--api-key", default=None, help="Require this bearer token.")
 def serve(
     run_dir: Path,
-    intervention: str,
+    intervention: Literal["ablation", "addition"],
     layer: int | None,
     coeff: float,
     model: str | None,
@@ -619,7 +515,7 @@ def serve(
             run_dir,
             intervention=intervention,
             layer=layer,
-            coeff=coeff,  # type: ignore[arg-type]
+            coeff=coeff,
             model_path=model,
             allow_inexact=allow_inexact,
         )

@@ -29,6 +29,7 @@ def check_config(
     force: bool,
     resumable: Collection[str] = (),
     defaults: Mapping[str, Any] | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Refuse to resume ``out`` under different settings; return ``config`` as JSON values.
 
@@ -40,6 +41,8 @@ def check_config(
         resumable: keys that may change between calls (runtime settings, added targets).
         defaults: values of settings added after a saved config was written (a key missing from the
             saved config is taken to have had its default, so older runs still resume).
+        options: ``{key: "--option"}`` where the CLI option that sets a key is not ``--`` + the key with
+            dashes (:meth:`pyrefusal.settings.Settings.option_names`); the message names them.
 
     Raises:
         PyrefusalError: a setting outside ``resumable`` differs from the saved one.
@@ -55,7 +58,9 @@ def check_config(
             if k not in resumable and old.get(k, known.get(k)) != v
         }
         if diff:
-            shown = "; ".join(f"{_option(k)}: {old_v!r} there, {new_v!r} now" for k, (old_v, new_v) in diff.items())
+            shown = "; ".join(
+                f"{_option(k, options or {})}: {old_v!r} there, {new_v!r} now" for k, (old_v, new_v) in diff.items()
+            )
             raise PyrefusalError(
                 f"{out} holds a {what} with other settings ({shown}). To resume it, re-run with the settings "
                 f"it was started with (all in {path}, e.g. the same --preset); to keep it and try the new "
@@ -64,19 +69,9 @@ def check_config(
     return new
 
 
-# CLI options whose name is not the config field's (``--n-seq`` sets ``n_seq_max``, ...).
-_OPTIONS = {
-    "n_seq_max": "--n-seq",
-    "n_threads": "--threads",
-    "filter_train": "--no-filter",
-    "filter_val": "--no-filter",
-    "selection_mode": "--all-scores",
-}
-
-
-def _option(key: str) -> str:
-    """How a user sets config field ``key``: ``"--n-test (n_test)"``."""
-    return f"{_OPTIONS.get(key, '--' + key.replace('_', '-'))} ({key})"
+def _option(key: str, options: Mapping[str, str]) -> str:
+    """How a user sets config field ``key``: ``"--n-test (n_test)"``, ``"--n-seq (n_seq_max)"``."""
+    return f"{options.get(key, '--' + key.replace('_', '-'))} ({key})"
 
 
 def write_config(out: Path, config: Mapping[str, Any]) -> None:

@@ -18,6 +18,7 @@ from pyrefusal.stages.measure import (
     perplexity,
     text_nll,
 )
+from pyrefusal.steering import router
 from tests.tiny_model import BOS_ID, reference_logits
 
 TEXTS = ["Hello there, how are you?", "Tell me a story about the sea.", "I cannot help with that", "ok"]
@@ -93,9 +94,9 @@ def test_perplexity_windows_long_texts(rt, tiny_model, tiny_spec):
 def test_first_token_kl_baseline_is_zero_and_ablation_is_not(rt):
     prompts = [rt.chat_tokens(t) for t in TEXTS]
     assert first_token_kl(rt, prompts, lambda r: None) == 0.0
-    assert first_token_kl(rt, prompts, lambda r: iv.arm(r, iv.baseline())) == 0.0
+    assert first_token_kl(rt, prompts, lambda r: router.arm(r, iv.baseline())) == 0.0
     direction = np.random.default_rng(3).standard_normal(rt.n_embd)
-    kl = first_token_kl(rt, prompts, lambda r: iv.arm(r, iv.ablation(direction)))
+    kl = first_token_kl(rt, prompts, lambda r: router.arm(r, iv.ablation(direction)))
     assert kl > 1e-4
     # the plan is cleared afterwards: the baseline is unchanged
     assert first_token_kl(rt, prompts, lambda r: None) == 0.0
@@ -105,7 +106,7 @@ def test_ablation_changes_perplexity_and_report(rt):
     direction = np.random.default_rng(4).standard_normal(rt.n_embd)
     prompts = [rt.chat_tokens(t) for t in TEXTS[:2]]
     rep = capability_report(
-        rt, TEXTS, prompts, lambda r: iv.arm(r, iv.ablation(direction)), condition="ablation", text_source="unit"
+        rt, TEXTS, prompts, lambda r: router.arm(r, iv.ablation(direction)), condition="ablation", text_source="unit"
     )
     assert isinstance(rep, CapabilityReport)
     assert rep.baseline_ppl == pytest.approx(perplexity(rt, TEXTS), rel=1e-9)
@@ -148,7 +149,7 @@ def test_real_model_perplexity_and_side_effects(polyrefuse_dir):
             rt,
             texts,
             [rt.chat_tokens(t) for t in texts[:4]],
-            lambda r: iv.arm(r, iv.ablation(direction)),
+            lambda r: router.arm(r, iv.ablation(direction)),
             condition="random_ablation",
             text_source=source,
         )

@@ -366,12 +366,13 @@ def test_resume_skips_finished_work(tiny_run, tiny_model, polyrefuse_dir, monkey
 
 
 def test_sample_test_prompts_match_pipeline_rows(polyrefuse_dir):
-    from pyrefusal.studies.run import RunConfig, _sample_prompts
+    from pyrefusal.stages.sample import sample_prompts
 
     data = PolyRefuse(polyrefuse_dir)
     mine = sample_test_prompts(data, ["en", "de", "ja"], 5, seed=3)
-    cfg = RunConfig(data_dir=str(polyrefuse_dir), target_langs=("en", "de", "ja"), n_test=5, seed=3, n_train=1, n_val=1)
-    theirs = _sample_prompts(data, cfg, lambda s: None)["test"]
+    theirs = sample_prompts(
+        data, "en", ("en", "de", "ja"), n_train=1, n_val=1, n_test=5, seed=3, log=lambda s: None
+    ).test
     for lang in ("en", "de", "ja"):
         assert [p.id for p in mine[lang]] == [p.id for p in theirs[lang]["harmful"]]
 

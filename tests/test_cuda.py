@@ -28,6 +28,7 @@ import pytest
 from pyrefusal import _core
 from pyrefusal.method import intervention as iv
 from pyrefusal.runtime.runtime import Runtime, gpu_offload_supported
+from pyrefusal.steering import router
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
 POSITIONS = [0, -3, -2, -1]
@@ -89,11 +90,11 @@ def _counted(rt: Runtime, fn: Callable[[], T]) -> tuple[T, dict[str, int]]:
 
 def _under(rt: Runtime, spec: iv.Intervention, fn: Callable[[], T], path: str = "hook") -> T:
     """``fn()`` with ``spec`` armed on ``rt`` (through ``path``), disarmed afterwards."""
-    iv.arm(rt, spec, path=path)  # type: ignore[arg-type]
+    router.arm(rt, spec, path=path)  # type: ignore[arg-type]
     try:
         return fn()
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
 
 
 def _assert_same_effect(got: np.ndarray, expected: np.ndarray, base: np.ndarray) -> None:
@@ -223,7 +224,7 @@ def test_gpu_in_graph_lora_ablation_matches_the_cpu_hook(full, cpu):
     r = _direction(cpu.n_embd, seed=13)
     base = cpu.last_logits(toks)
     expected = _under(cpu, iv.ablation(r), lambda: cpu.last_logits(toks))
-    assert iv.route(full, iv.ablation(r), "graph").path in ("graph", "graph+hook")
+    assert router.route(full, iv.ablation(r), "graph").path in ("graph", "graph+hook")
     got = _under(full, iv.ablation(r), lambda: full.last_logits(toks), path="graph")
     _assert_same_effect(got, expected, base)
 
@@ -257,7 +258,7 @@ def test_gpu_ablated_generation_matches_cpu_up_to_near_ties(full, cpu):
         rt.n_gpu_layers: _under(rt, spec, lambda rt=rt: [g.tokens for g in rt.generate(toks, 8, stop_at_eog=False)])
         for rt in (cpu, full)
     }
-    iv.arm(cpu, spec)
+    router.arm(cpu, spec)
     try:
         for prompt, a, b in zip(toks, outs[0], outs[999], strict=True):
             k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)

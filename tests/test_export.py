@@ -18,10 +18,12 @@ import gguf
 import numpy as np
 import pytest
 
+from pyrefusal.data.registry import sha256_file
 from pyrefusal.errors import HookError, PyrefusalError
 from pyrefusal.method import intervention as iv
-from pyrefusal.runtime.runtime import Runtime, sha256_of
+from pyrefusal.runtime.runtime import Runtime
 from pyrefusal.steering import export as ex
+from pyrefusal.steering import router
 from tests.tiny_model import orthogonalize, write_tiny_gguf
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
@@ -83,11 +85,11 @@ def tied_model(tiny_model, tmp_path_factory) -> Path:
 
 
 def _hook_logits(rt: Runtime, intervention: iv.Intervention, toks: list[list[int]]) -> np.ndarray:
-    assert iv.arm(rt, intervention, path="hook") == "hook"
+    assert router.arm(rt, intervention, path="hook") == "hook"
     try:
         return rt.last_logits(toks)
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
 
 
 # --- control vectors -----------------------------------------------------------------------
@@ -205,7 +207,7 @@ def test_lora_file_has_llama_cpp_layout(tiny_model, tiny_spec, tmp_path):
     assert (meta["general.type"], meta["general.architecture"], meta["adapter.type"]) == ("adapter", "llama", "lora")
     assert meta["adapter.lora.alpha"] == 1.0
     assert meta["pyrefusal.intervention"] == "ablation" and "ABLATION" in meta["pyrefusal.semantics"]
-    assert meta["pyrefusal.base_sha256"] == sha256_of(path)
+    assert meta["pyrefusal.base_sha256"] == sha256_file(path)
     assert meta["pyrefusal.ablation.embeddings"] == "lora"
     assert meta["pyrefusal.source_language"] == "en"
     # the numbers: A = r̂ᵀW, B = -r̂
@@ -226,11 +228,11 @@ def test_lora_ablation_equals_hook_and_orthogonalized_weights(rt, tiny_model, ti
     chats = [rt.chat_tokens(p) for p in PROMPTS]
     base = rt.last_logits(toks)
     hooked = _hook_logits(rt, iv.ablation(r), toks)
-    iv.arm(rt, iv.ablation(r), path="hook")
+    router.arm(rt, iv.ablation(r), path="hook")
     try:
         hook_gen = [g.tokens for g in rt.generate(chats, max_new_tokens=16)]
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
     rt.set_lora([(lora, 1.0)])
     try:
         via_lora = rt.last_logits(toks)
@@ -278,11 +280,11 @@ def test_tied_embeddings_stay_out_of_the_lora(tied_model, tmp_path):
         toks = [rt.tokenize(q) for q in PROMPTS]
         base = rt.last_logits(toks)
         hooked = _hook_logits(rt, iv.ablation(r), toks)
-        assert iv.arm(rt, iv.ablation(r), path="auto") == "graph+hook"  # LoRA + hook on node embd only
+        assert router.arm(rt, iv.ablation(r), path="auto") == "graph+hook"  # LoRA + hook on node embd only
         try:
             graph = rt.last_logits(toks)
         finally:
-            iv.disarm(rt)
+            router.disarm(rt)
         np.testing.assert_allclose(graph, hooked, atol=ATOL)
         assert np.abs(hooked - base).max() > 0.05
 
@@ -319,12 +321,12 @@ def test_bias_on_a_writer_falls_back_to_the_hook(tiny_model, tmp_path):
     with pytest.raises(ex.ExportError, match="bias"):
         ex.export_ablation_lora(biased, r, tmp_path / "x.gguf", provenance={})
     with Runtime(biased, n_ctx=512, n_batch=128, n_seq_max=4, kv_f32=True) as rt:
-        route = iv.route(rt, iv.ablation(r))
+        route = router.route(rt, iv.ablation(r))
         assert route.path == "hook" and "bias" in route.reason
-        assert iv.arm(rt, iv.ablation(r), path="auto") == "hook"
+        assert router.arm(rt, iv.ablation(r), path="auto") == "hook"
         with pytest.raises(HookError, match="bias"):
-            iv.arm(rt, iv.ablation(r), path="graph")
-        iv.disarm(rt)
+            router.arm(rt, iv.ablation(r), path="graph")
+        router.disarm(rt)
 
 
 def test_unchecked_architecture_is_not_lora_exact(tiny_model, tmp_path):
@@ -368,11 +370,11 @@ def test_arm_auto_matches_the_hook(rt, index):
     toks = [rt.tokenize(p) for p in PROMPTS]
     base = rt.last_logits(toks)
     hooked = _hook_logits(rt, intervention, toks)
-    assert iv.arm(rt, intervention, path="auto") == expected_path, iv.route(rt, intervention).reason
+    assert router.arm(rt, intervention, path="auto") == expected_path, router.route(rt, intervention).reason
     try:
         auto = rt.last_logits(toks)
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
     np.testing.assert_allclose(auto, hooked, atol=ATOL)
     if name != "baseline":
         assert np.abs(hooked - base).max() > 0.05
@@ -381,34 +383,34 @@ def test_arm_auto_matches_the_hook(rt, index):
 
 def test_harm_ablation_graph_form_and_its_limits(rt):
     r = _direction(rt.n_embd, seed=12)
-    route = iv.route(rt, iv.harm_ablation(r, layer=2))
+    route = router.route(rt, iv.harm_ablation(r, layer=2))
     assert route.lora_directions is not None and sorted(route.cvec) == [1, 2]
     np.testing.assert_allclose(route.cvec[1], r, rtol=1e-6)  # +r enters block 2
     np.testing.assert_allclose(route.cvec[2], -r, rtol=1e-6)  # what the hook's ablation removes after it
     other = _direction(rt.n_embd, seed=13)
     mixed = iv.Intervention("mixed", ablate=r, additions=(iv.Addition(other, 2, 1.0, within_block=True),))
-    assert iv.route(rt, mixed).path == "hook"  # an addition outside the ablated span: hook semantics only
+    assert router.route(rt, mixed).path == "hook"  # an addition outside the ablated span: hook semantics only
     plain = iv.Intervention("plain", ablate=r, additions=(iv.Addition(r, 2, 1.0),))
-    assert iv.route(rt, plain).path == "hook"
+    assert router.route(rt, plain).path == "hook"
     with pytest.raises(HookError, match="no exact form"):
-        iv.arm(rt, plain, path="graph")
+        router.arm(rt, plain, path="graph")
     with pytest.raises(HookError, match="path must be"):
-        iv.arm(rt, iv.baseline(), path="fast")  # type: ignore[arg-type]
+        router.arm(rt, iv.baseline(), path="fast")  # type: ignore[arg-type]
 
 
 def test_arm_default_is_the_hook_and_adapters_are_cached(rt, tmp_path_factory):
     r = _direction(rt.n_embd, seed=14)
-    assert iv.arm(rt, iv.ablation(r)) == "hook"
-    iv.disarm(rt)
+    assert router.arm(rt, iv.ablation(r)) == "hook"
+    router.disarm(rt)
     cache = tmp_path_factory.getbasetemp() / "cache" / "adapters"
     before = set(cache.glob("*.gguf")) if cache.is_dir() else set()
-    assert iv.arm(rt, iv.ablation(r), path="graph") == "graph"
+    assert router.arm(rt, iv.ablation(r), path="graph") == "graph"
     made = set(cache.glob("*.gguf")) - before
     assert len(made) == 1
     (adapter,) = made
     stamp = adapter.stat().st_mtime_ns
-    assert iv.arm(rt, iv.ablation(2 * r), path="graph") == "graph"  # same direction: same file, not rebuilt
-    iv.disarm(rt)
+    assert router.arm(rt, iv.ablation(2 * r), path="graph") == "graph"  # same direction: same file, not rebuilt
+    router.disarm(rt)
     assert set(cache.glob("*.gguf")) - before == made and adapter.stat().st_mtime_ns == stamp
     assert ex.read_metadata(adapter)["pyrefusal.base_sha256"] == rt.sha256
 
@@ -421,20 +423,20 @@ def test_auto_falls_back_to_the_hook_when_the_adapter_cannot_be_built(rt, monkey
     r = _direction(rt.n_embd, seed=15)
     toks = [rt.tokenize(p) for p in PROMPTS]
     hooked = _hook_logits(rt, iv.ablation(r), toks)
-    assert iv.arm(rt, iv.ablation(r), path="auto") == "hook"
+    assert router.arm(rt, iv.ablation(r), path="auto") == "hook"
     try:
         np.testing.assert_allclose(rt.last_logits(toks), hooked, atol=1e-6)
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
     with pytest.raises(HookError, match="cannot build the ablation LoRA"):
-        iv.arm(rt, iv.ablation(r), path="graph")
+        router.arm(rt, iv.ablation(r), path="graph")
 
 
 def test_hook_plan_errors_still_surface_in_auto(rt):
     with pytest.raises(HookError, match="n_embd"):
-        iv.arm(rt, iv.ablation(np.ones(rt.n_embd + 1)), path="auto")
+        router.arm(rt, iv.ablation(np.ones(rt.n_embd + 1)), path="auto")
     with pytest.raises(PyrefusalError, match="zero direction"):
-        iv.arm(rt, iv.ablation(np.zeros(rt.n_embd)), path="graph")
+        router.arm(rt, iv.ablation(np.zeros(rt.n_embd)), path="graph")
     assert rt.last_logits([rt.tokenize("ok")]).shape == (1, rt.n_vocab)
 
 
@@ -475,12 +477,12 @@ def test_real_model_lora_ablation_matches_the_hook(tmp_path):
 
         base = rt.last_logits(prompts)
         noise = np.abs(np.concatenate([rt.last_logits([p]) for p in prompts]) - base).max()
-        iv.arm(rt, iv.ablation(r), path="hook")
+        router.arm(rt, iv.ablation(r), path="hook")
         try:
             hooked = rt.last_logits(prompts)
             hook_gen = [g.tokens for g in rt.generate(prompts, max_new_tokens=16)]
         finally:
-            iv.disarm(rt)
+            router.disarm(rt)
         rt.set_lora([(lora, 1.0)])
         try:
             via_lora = rt.last_logits(prompts)
@@ -502,11 +504,11 @@ def test_real_model_lora_ablation_matches_the_hook(tmp_path):
             rt.set_lora([(lora, 1.0)])
             lora_choice = int(rt.last_logits(prefix)[0].argmax())
             rt.set_lora(None)
-            iv.arm(rt, iv.ablation(r), path="hook")
+            router.arm(rt, iv.ablation(r), path="hook")
             try:
                 step = rt.last_logits(prefix)[0]
             finally:
-                iv.disarm(rt)
+                router.disarm(rt)
             margin = step.max() - step[lora_choice]
             print(f"greedy tokens diverge at step {k}: the hook's margin over the LoRA's choice is {margin:.3f}")
             assert margin < tol  # only at a near-tie

@@ -7,7 +7,8 @@ import pytest
 
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
 from pyrefusal.method import intervention as iv
-from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.runtime.runtime import PlanEntry, Runtime
+from pyrefusal.steering import router
 from tests.tiny_model import orthogonalize, reference_residuals, write_tiny_gemma2_gguf, write_tiny_gguf
 
 PROMPTS = ["Hello there, how are you?", "Ich kann nicht", "我不能 help", "Tell me a story about the sea."]
@@ -63,7 +64,7 @@ def test_hook_ablation_equals_orthogonalized_weights(rt, tiny_model, tiny_spec, 
     write_tiny_gguf(ortho_path, tiny_spec, weights=orthogonalize(weights, r))
     toks = [rt.tokenize(p) for p in PROMPTS]
     base = rt.last_logits(toks)
-    iv.arm(rt, iv.ablation(r))
+    router.arm(rt, iv.ablation(r))
     try:
         hooked = rt.last_logits(toks)
     finally:
@@ -78,11 +79,11 @@ def test_ablating_twice_equals_once_and_zero_addition_is_identity(rt):
     r = _direction(rt.n_embd, seed=4)
     toks = [rt.tokenize(p) for p in PROMPTS]
     base = rt.last_logits(toks)
-    iv.arm(rt, iv.ablation(np.stack([r, 2 * r])))  # same span twice
+    router.arm(rt, iv.ablation(np.stack([r, 2 * r])))  # same span twice
     twice = rt.last_logits(toks)
-    iv.arm(rt, iv.ablation(r))
+    router.arm(rt, iv.ablation(r))
     once = rt.last_logits(toks)
-    iv.arm(rt, iv.actadd(r, layer=1, coeff=0.0))
+    router.arm(rt, iv.actadd(r, layer=1, coeff=0.0))
     zero = rt.last_logits(toks)
     rt.clear_plan()
     np.testing.assert_allclose(twice, once, atol=1e-5)
@@ -95,7 +96,7 @@ def test_hook_addition_equals_llama_control_vector(rt, layer):
     r = _direction(rt.n_embd, seed=5)
     toks = [rt.tokenize(p) for p in PROMPTS]
     base = rt.last_logits(toks)
-    iv.arm(rt, iv.actadd(r, layer=layer, coeff=0.7))
+    router.arm(rt, iv.actadd(r, layer=layer, coeff=0.7))
     hooked = rt.last_logits(toks)
     rt.clear_plan()
     if layer - 1 >= 1:
@@ -116,7 +117,7 @@ def test_harm_ablation_keeps_addition_within_its_block(rt):
     r = _direction(rt.n_embd, seed=6)
     rhat = r / np.linalg.norm(r)
     toks = [rt.tokenize(p) for p in PROMPTS[:2]]
-    compiled = iv.plan(iv.harm_ablation(r, layer=1), rt.nodes, rt.n_layer, rt.n_embd)
+    compiled = router.plan(iv.harm_ablation(r, layer=1), rt.nodes, rt.n_layer, rt.n_embd)
     entries = compiled[0]
     assert entries["l_out-0"].add_index >= 0 and entries["ffn_inp-1"].add_index >= 0
     assert entries["l_out-1"].add_index == -1 and entries["l_out-1"].ablate
@@ -138,7 +139,7 @@ def test_batched_greedy_equals_sequential(rt):
 def test_batched_greedy_under_ablation_equals_sequential(rt):
     r = _direction(rt.n_embd, seed=7)
     toks = [rt.chat_tokens(p) for p in PROMPTS]
-    iv.arm(rt, iv.ablation(r))
+    router.arm(rt, iv.ablation(r))
     try:
         batched = rt.generate(toks, max_new_tokens=16)
         single = [rt.generate([t], max_new_tokens=16)[0] for t in toks]
@@ -168,9 +169,9 @@ def test_truncated_gguf_is_a_clear_error(tiny_model, tmp_path):
 
 def test_wrong_width_and_empty_inputs_are_clear_errors(rt):
     with pytest.raises(HookError, match="n_embd"):
-        iv.arm(rt, iv.ablation(np.ones(rt.n_embd + 1)))
+        router.arm(rt, iv.ablation(np.ones(rt.n_embd + 1)))
     with pytest.raises(HookError, match="zero direction"):
-        iv.arm(rt, iv.ablation(np.zeros(rt.n_embd)))
+        router.arm(rt, iv.ablation(np.zeros(rt.n_embd)))
     with pytest.raises(PyrefusalError, match="no prompts"):
         rt.generate([], max_new_tokens=4)
     with pytest.raises(PyrefusalError, match="no prompts"):
@@ -182,20 +183,20 @@ def test_wrong_width_and_empty_inputs_are_clear_errors(rt):
 def test_error_inside_the_graph_is_raised_in_python_and_recoverable(rt):
     """A plan naming a node that is not on the residual stream fails inside the callback, not with a crash."""
     assert "ffn_gate-0" in rt.graph_node_names()  # width n_ff (128), not n_embd (64)
-    rt.set_plan({"ffn_gate-0": iv.PlanEntry(ablate=True)}, np.eye(rt.n_embd, dtype=np.float32)[:1])
+    rt.set_plan({"ffn_gate-0": PlanEntry(ablate=True)}, np.eye(rt.n_embd, dtype=np.float32)[:1])
     with pytest.raises(HookError, match="width 128"):
         rt.last_logits([rt.tokenize("hello")])
     rt.clear_plan()
     base = rt.last_logits([rt.tokenize("hello")])
     assert np.all(np.isfinite(base))
     with pytest.raises(HookError, match="no node"):
-        rt.set_plan({"not_a_node-3": iv.PlanEntry(ablate=True)})
+        rt.set_plan({"not_a_node-3": PlanEntry(ablate=True)})
 
 
 def test_hook_counters_and_node_listing(rt):
     r = _direction(rt.n_embd)
     rt.hook.reset_stats()
-    iv.arm(rt, iv.ablation(r))
+    router.arm(rt, iv.ablation(r))
     rt.last_logits([rt.tokenize("hello world")])
     rt.clear_plan()
     s = rt.hook.stats()
@@ -276,7 +277,7 @@ def test_gemma2_residual_nodes_scaled_embeddings_and_exact_ablation(tmp_path):
         after = np.abs(abl @ r) / np.linalg.norm(abl, axis=-1)
         assert before > 0.1 and after.max() < 1e-5
         # weight edits cannot reproduce this through the post-norms: the in-graph path is refused, the hook used
-        assert iv.arm(rt, iv.ablation(r), path="auto") == "hook"
+        assert router.arm(rt, iv.ablation(r), path="auto") == "hook"
         gens = rt.generate(prompts[:2], max_new_tokens=4)
         rt.clear_plan()
         assert all(len(g.tokens) >= 1 for g in gens)

@@ -24,6 +24,7 @@ from pyrefusal.stages.judge import (
     parse_llama_guard,
     parse_wildguard,
 )
+from pyrefusal.steering import router
 from tests.tiny_model import BOS_ID, write_tiny_gguf
 
 PAIRS = [
@@ -263,7 +264,7 @@ def test_first_token_refusal_matches_softmax_and_score(rt):
     np.testing.assert_allclose(p, expected, rtol=1e-9)
     assert p.shape == (3,) and np.all((p >= 0) & (p <= 1))
     np.testing.assert_allclose(np.log(p + 1e-8) - np.log(1 - p + 1e-8), refusal_scores(logits, ids), rtol=1e-9)
-    iv.arm(rt, iv.ablation(np.random.default_rng(0).standard_normal(rt.n_embd)))
+    router.arm(rt, iv.ablation(np.random.default_rng(0).standard_normal(rt.n_embd)))
     try:
         assert not np.allclose(first_token_refusal(rt, prompts, ids), p)
     finally:

@@ -330,6 +330,7 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     """`pyrefusal export lora|cvec RUN_DIR` files, loaded back through llama.cpp, equal the hook path."""
     from pyrefusal.method import intervention as iv
     from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.steering import router
     from pyrefusal.steering.export import load_control_vector
 
     path, _ = tiny_model
@@ -354,13 +355,13 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     assert res["direction"]["norm"] == pytest.approx(float(np.linalg.norm(direction)), rel=1e-5)
     with Runtime(path, n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
         toks = [rt.chat_tokens(t) for t in ("How do I pick a lock?", "Write a poem about rain.")]
-        iv.arm(rt, iv.ablation(direction))
+        router.arm(rt, iv.ablation(direction))
         hook_abl = rt.last_logits(toks)
         rt.clear_plan()
         rt.set_lora([(tmp_path / "abl.gguf", 1.0)])
         lora_abl = rt.last_logits(toks)
         rt.clear_plan()
-        iv.arm(rt, iv.actadd(direction, layer=2, coeff=-1.0))
+        router.arm(rt, iv.actadd(direction, layer=2, coeff=-1.0))
         hook_add = rt.last_logits(toks)
         rt.clear_plan()
         rt.set_control_vector(load_control_vector(tmp_path / "c.gguf"))

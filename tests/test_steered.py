@@ -19,6 +19,7 @@ import pytest
 from pyrefusal.data.registry import cached_sha256
 from pyrefusal.method import intervention as iv
 from pyrefusal.runtime.runtime import Runtime
+from pyrefusal.steering import router
 from pyrefusal.steering.steered import (
     SteeredModel,
     SteeringError,
@@ -56,11 +57,11 @@ def r(rt) -> np.ndarray:
 def _hook_texts(rt: Runtime, intervention: iv.Intervention) -> list[str]:
     """Greedy replies (exact detokenized text) under pyrefusal's hook."""
     chats = [rt.chat_tokens(p) for p in PROMPTS]
-    iv.arm(rt, intervention, path="hook")
+    router.arm(rt, intervention, path="hook")
     try:
         return [rt.detokenize(g.tokens) for g in rt.generate(chats, N_NEW)]
     finally:
-        iv.disarm(rt)
+        router.disarm(rt)
 
 
 def _chat(model: SteeredModel, prompt: str, **kw) -> str:

@@ -19,8 +19,8 @@ KL and steering only need computing down that list until one passes (``mode="laz
 selected candidate is exactly the paper's, at a fraction of the cost. ``mode="all"`` scores
 every candidate (heatmaps).
 
-The maths (:func:`refusal_scores`, :func:`kl_divergence`, :func:`apply_rule`) is NumPy only;
-:func:`select_direction` drives a Runtime.
+The maths (:func:`refusal_scores`, :func:`kl_divergence`, :func:`apply_rule`) is NumPy only; the stage
+that drives a model, :func:`pyrefusal.stages.select.select_direction`, lives in the stages layer.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.method.directions import Candidates
+from pyrefusal.families import PAPER_REFUSAL_OPENINGS  # the paper's refusal tokens (docs/method.md §4.1)
 from pyrefusal.rundir import write_atomic
 
 # First words of refusals per language; the first token of each is a refusal token. Used for models
@@ -61,43 +61,6 @@ REFUSAL_OPENINGS: dict[str, tuple[str, ...]] = {
 
 class SelectionError(PyrefusalError):
     """No candidate passed the selection filters."""
-
-
-# The paper's refusal tokens per model family and language (docs/method.md §4.1, its REFUSAL_TOKENS_LANG),
-# written as openings whose first token is the paper's id. For Qwen2 every id was checked on
-# Qwen2.5's tokenizer (e.g. "申し訳" -> 127748 "申し", "죄송합니다" -> 132759, "И" -> 30174). The
-# paper's Gemma ru ids are not decoded there, so Gemma ru uses REFUSAL_OPENINGS.
-PAPER_REFUSAL_OPENINGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "qwen2": {
-        "en": ("I", "As"),
-        "zh": ("我",),
-        "de": ("Es", "Ich"),
-        "ja": ("申し訳", "私は"),
-        "ko": ("죄송합니다",),
-        "ru": ("Я", "И"),
-        "th": ("ขอ", "ฉ"),
-        "yo": ("Mo",),
-    },
-    "llama3": {
-        "en": ("I",),
-        "zh": ("我",),
-        "de": ("Ich",),
-        "ja": ("私は",),
-        "ko": ("저는",),
-        "ru": ("Я",),
-        "th": ("ฉัน",),
-        "yo": ("I",),
-    },
-    "gemma2": {
-        "en": ("I", "It"),
-        "zh": ("我", "很"),
-        "de": ("Ich",),
-        "ja": ("申し訳", "私は"),
-        "ko": ("죄송",),
-        "th": ("ฉ",),
-        "yo": ("Mi", "Emi"),
-    },
-}
 
 
 def refusal_openings(lang: str, family: str | None = None) -> tuple[str, ...]:
@@ -139,7 +102,8 @@ def refusal_token_ids(
     return ids
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of ``logits`` along the last axis, in float64 as the reference code (any shape)."""
     x = np.asarray(logits, dtype=np.float64)  # float64 as the reference code
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -155,7 +119,7 @@ def refusal_scores(logits: np.ndarray, token_ids: Sequence[int]) -> np.ndarray:
     Returns:
         float64 ``(n_prompts,)``.
     """
-    p = np.exp(_log_softmax(logits))
+    p = np.exp(log_softmax(logits))
     p_r = p[:, list(token_ids)].sum(axis=1)
     return np.log(p_r + 1e-8) - np.log(1.0 - p_r + 1e-8)
 
@@ -165,8 +129,8 @@ def kl_divergence(base_logits: np.ndarray, new_logits: np.ndarray) -> np.ndarray
 
     Both ``(n_prompts, n_vocab)``; returns float64 ``(n_prompts,)``.
     """
-    p = np.exp(_log_softmax(base_logits))
-    q = np.exp(_log_softmax(new_logits))
+    p = np.exp(log_softmax(base_logits))
+    q = np.exp(log_softmax(new_logits))
     return (p * (np.log(p + 1e-6) - np.log(q + 1e-6))).sum(axis=1)
 
 
@@ -229,13 +193,14 @@ def apply_rule(scores: list[CandidateScore], n_layer: int, rule: SelectionRule) 
     """Apply the filters and order to fully computed scores; marks ``discarded``; returns the pick."""
     cutoff = int(rule.prune_fraction * n_layer)
     for s in scores:
-        s.discarded = _discard_reason(s, cutoff, rule)
+        s.discarded = discard_reason(s, cutoff, rule)
     kept = [s for s in scores if s.discarded is None]
     kept = sorted(kept, key=lambda s: s.refusal_score)  # stable: ties keep position, layer order
     return kept[0] if kept else None
 
 
-def _discard_reason(s: CandidateScore, cutoff: int, rule: SelectionRule) -> str | None:
+def discard_reason(s: CandidateScore, cutoff: int, rule: SelectionRule) -> str | None:
+    """Why ``rule`` drops candidate ``s`` (``cutoff`` = first pruned layer), or None when it passes."""
     if s.discarded is not None and s.discarded.startswith("zero vector"):
         return s.discarded
     if s.layer >= cutoff:
@@ -249,118 +214,3 @@ def _discard_reason(s: CandidateScore, cutoff: int, rule: SelectionRule) -> str 
     if rule.steering_filter and s.steering_score is not None and s.steering_score < 0:
         return "steering_score < 0"
     return None
-
-
-def select_direction(
-    runtime: Any,
-    candidates: Candidates,
-    harmful_val: Sequence[Sequence[int]],
-    harmless_val: Sequence[Sequence[int]],
-    refusal_tokens: Sequence[int],
-    *,
-    rule: SelectionRule | None = None,
-    mode: Literal["lazy", "all"] = "lazy",
-    progress: Callable[[str, int, int], None] | None = None,
-) -> Selection:
-    """Score candidates on the val prompts with ``runtime`` and pick one by ``rule``.
-
-    Args:
-        runtime: a :class:`pyrefusal.runtime.runtime.Runtime` of the model the candidates came from.
-        candidates: from :func:`pyrefusal.method.directions.mean_difference`.
-        harmful_val / harmless_val: chat-formatted token lists.
-        refusal_tokens: ids whose probability defines the refusal score.
-        rule: filters (default: the paper's).
-        mode: ``"lazy"`` (exact top-1, KL only as far as needed) or ``"all"``.
-        progress: ``progress(stage, done, total)``.
-
-    Raises:
-        SelectionError: no candidate passes; the message says which filter removed them.
-    """
-    from pyrefusal.method import intervention as iv  # local: keeps the maths importable without the runtime
-
-    rule = rule or SelectionRule()
-    n_layer = candidates.vectors.shape[1]
-    if not harmful_val or not harmless_val:
-        raise PyrefusalError("selection needs harmful and harmless val prompts; got an empty set")
-    runtime.clear_plan()
-    base_harmful = runtime.last_logits(harmful_val)
-    base_harmless = runtime.last_logits(harmless_val)
-    baseline_score = float(refusal_scores(base_harmful, refusal_tokens).mean())
-    cutoff = int(rule.prune_fraction * n_layer)
-
-    scores = [CandidateScore(p, lay) for p in candidates.positions for lay in range(n_layer)]
-    for s in scores:
-        # e.g. block input 0 at a post-instruction position: every prompt has the same token
-        # there, so the mean difference is exactly zero and there is nothing to ablate.
-        if np.linalg.norm(candidates.get(s.position, s.layer)) == 0.0:
-            s.refusal_score, s.discarded = math.nan, "zero vector (identical inputs)"
-    todo = [s for s in scores if (s.layer < cutoff or mode == "all") and s.discarded is None]
-
-    def ablated(s: CandidateScore, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        iv.arm(runtime, iv.ablation(candidates.get(s.position, s.layer)))
-        try:
-            return runtime.last_logits(prompts)
-        finally:
-            runtime.clear_plan()
-
-    def fill_kl(s: CandidateScore) -> None:
-        s.kl = float(kl_divergence(base_harmless, ablated(s, harmless_val)).mean())
-        if rule.steering_filter or mode == "all":
-            iv.arm(runtime, iv.actadd(candidates.get(s.position, s.layer), s.layer, coeff=1.0))
-            try:
-                s.steering_score = float(refusal_scores(runtime.last_logits(harmless_val), refusal_tokens).mean())
-            finally:
-                runtime.clear_plan()
-
-    for i, s in enumerate(todo):
-        s.refusal_score = float(refusal_scores(ablated(s, harmful_val), refusal_tokens).mean())
-        if progress:
-            progress("refusal score", i + 1, len(todo))
-    if mode == "all":
-        for i, s in enumerate(todo):
-            fill_kl(s)
-            if progress:
-                progress("kl", i + 1, len(todo))
-        pick = apply_rule(scores, n_layer, rule)
-    else:
-        pick = None
-        order = sorted(
-            (s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
-            key=lambda s: s.refusal_score,
-        )  # stable
-        for s in todo:
-            if s.refusal_score is None or math.isnan(s.refusal_score):
-                s.discarded = "nan"
-        for j, s in enumerate(order):
-            fill_kl(s)
-            if progress:
-                progress("kl (lazy)", j + 1, len(order))
-            reason = _discard_reason(s, cutoff, rule)
-            s.discarded = reason
-            if reason is None:
-                pick = s
-                break
-        for s in scores:
-            if s.layer >= cutoff:
-                s.discarded = f"layer >= int({rule.prune_fraction}*n_layer)={cutoff}"
-    if pick is None:
-        reasons: dict[str, int] = {}
-        for s in scores:
-            reasons[s.discarded or "not reached"] = reasons.get(s.discarded or "not reached", 0) + 1
-        raise SelectionError(
-            f"no candidate passed the selection filters ({reasons}). Relax them, e.g. --kl-threshold 0.5, "
-            "or use more val prompts (--n-val)."
-        )
-    assert pick.refusal_score is not None and pick.kl is not None
-    return Selection(
-        position=pick.position,
-        layer=pick.layer,
-        refusal_score=pick.refusal_score,
-        kl=pick.kl,
-        steering_score=pick.steering_score,
-        baseline_refusal_score=baseline_score,
-        refusal_tokens=list(refusal_tokens),
-        rule=rule,
-        mode=mode,
-        scores=scores,
-    )

@@ -319,3 +319,27 @@ def plot_projections(
     ax.set_title(f"projection of train activations on the {reference} direction", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_quant_sweep(results: Mapping[str, Any], path: Path) -> Path:
+    """Cross-application heatmap (refusal %) beside the refusal rates per variant."""
+    ref = results["refusal"]
+    matrix = ref["matrix"]
+    models = list(next(iter(matrix.values())).keys()) if matrix else []
+    rows = list(matrix)
+    m = np.array([[np.nan if matrix[r][c] is None else 100 * matrix[r][c] for c in models] for r in rows])
+    fig = Figure(figsize=(1.6 + 1.0 * len(models), 1.3 + 0.55 * len(rows)))
+    _annotated_heatmap(
+        fig,
+        m,
+        ["baseline" if r == "baseline" else f"r({r})" for r in rows],
+        models,
+        fmt=".0f",
+        vmin=0,
+        vmax=100,
+        cmap="Reds",
+        xlabel="model variant (answers the prompts)",
+        ylabel="direction ablated (extracted in)",
+        title=f"refusal % on {ref['n_test']} harmful {ref['language']} prompts ({ref['detector']})",
+    )
+    return _save(fig, path)

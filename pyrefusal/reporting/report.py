@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyrefusal.reporting.fmt import pct
 from pyrefusal.stages.generate import DEGENERATE_REPETITION, Completion, is_degenerate, wilson_interval
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+    """A rate as a whole percentage (``-`` for None; NaN prints as ``nan%``, as this report always did)."""
+    return pct(x, nan_as_dash=False)
 
 
 def write_report(results: dict[str, Any], completions: Sequence[Completion], path: Path) -> None:

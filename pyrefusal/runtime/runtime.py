@@ -1,9 +1,10 @@
-"""The model runtime: GGUF models run by llama.cpp through llama-cpp-python's low-level API.
+"""The model runtime: GGUF models run by llama.cpp, reached through :mod:`pyrefusal.runtime.capi`.
 
-This module owns the lifetime of llama.cpp objects (model, context, batch), tokenisation and
-chat formatting, and batched decoding: many sequences per ``llama_decode`` for prompt
-processing and for greedy generation. Every context carries pyrefusal's C++ hook
-(:mod:`pyrefusal._core`) as its eval callback, driven through :meth:`Runtime.set_plan`.
+This module holds :class:`Runtime`: a model and one context (owned by :mod:`~pyrefusal.runtime.capi`'s
+owner classes), tokenisation and chat formatting, and batched decoding: many sequences per ``llama_decode``
+for prompt processing and for greedy generation. Every context carries pyrefusal's C++ hook
+(:mod:`pyrefusal._core`) as its eval callback, driven through :meth:`Runtime.set_plan`. Per-family facts
+(residual node names, the paper's prompts) come from :mod:`pyrefusal.families`.
 
 It must not import the pipeline stages (directions, selection, evaluation); they import it.
 
@@ -17,111 +18,45 @@ Conventions:
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import llama_cpp  # must be imported before numpy/gguf in CUDA processes (see docs)
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+import llama_cpp  # noqa: F401  (must be imported before numpy/gguf in CUDA processes, see docs)
 
 import numpy as np
 from typing_extensions import Self
 
 from pyrefusal import _core
+from pyrefusal.data.registry import sha256_file
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
+from pyrefusal.families import (
+    KNOWN_ARCHITECTURES,
+    PAPER_USER_TURNS,
+    ResidualNodes,
+    detect_family,
+    residual_nodes,
+)
+from pyrefusal.runtime import capi
+from pyrefusal.runtime.capi import gpu_offload_supported
+from pyrefusal.runtime.chat import ChatPrompts, PromptFormat
 
-_SENTINEL = "PYREFUSALINSTRUCTIONSENTINEL"
-_SYSTEM_SENTINEL = "PYREFUSALSYSTEMSENTINEL"
-
-# The paper's prompts (docs/method.md §2): one user turn and the opened assistant turn, no system turn at
-# all (Qwen2.5's default "You are Qwen, created by Alibaba Cloud…" and Llama 3.1's date header are not
-# used). Keyed by a marker that identifies the family in a GGUF chat template; "{x}" is the instruction.
-# BOS is added where the model's tokenizer adds it (``tokenizer.ggml.add_bos_token``), once.
-PAPER_USER_TURNS: dict[str, tuple[str, str]] = {
-    "chatml": ("<|im_start|>", "<|im_start|>user\n{x}<|im_end|>\n<|im_start|>assistant\n"),
-    "llama3": (
-        "<|start_header_id|>",
-        "<|start_header_id|>user<|end_header_id|>\n\n{x}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-    ),
-    "gemma": ("<start_of_turn>", "<start_of_turn>user\n{x}<end_of_turn>\n<start_of_turn>model\n"),
-}
-
-PromptFormat = Literal["template", "paper"]
-_backend_ready = False
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
-def _silence_llama_logs() -> None:
-    """Route llama.cpp's log output to nowhere unless PYREFUSAL_LLAMA_LOG is set."""
-    if os.environ.get("PYREFUSAL_LLAMA_LOG"):
-        return
-    llama_cpp.llama_log_set(_NULL_LOG, ctypes.c_void_p(0))
-
-
-@llama_cpp.llama_log_callback
-def _NULL_LOG(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    return None
-
-
-# --- architecture node names ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResidualNodes:
-    """Names of the residual-stream nodes of an architecture's llama.cpp graph.
-
-    Attributes:
-        embd: the token-embedding node (input of block 0).
-        attn_resid: the residual stream after the attention sub-block of layer ``{il}``.
-        block_out: the residual stream after block ``{il}`` (where control vectors are added).
-    """
-
-    embd: str = "embd"
-    attn_resid: str = "ffn_inp-{il}"
-    block_out: str = "l_out-{il}"
-
-    def block_input(self, layer: int) -> str:
-        """Node holding the residual stream entering block ``layer`` (``n_layer`` = final)."""
-        return self.embd if layer == 0 else self.block_out.format(il=layer - 1)
-
-    def ablation_nodes(self, n_layer: int) -> list[str]:
-        """Every write into the residual stream: embeddings, then per layer attention and block output."""
-        names = [self.embd]
-        for il in range(n_layer):
-            names += [self.attn_resid.format(il=il), self.block_out.format(il=il)]
-        return names
-
-
-# Gemma's graphs (llama.cpp src/models/gemma*.cpp) scale the embeddings by sqrt(n_embd) in a node of
-# their own and name the residual stream after attention "sa_out"; every write still goes through
-# these two nodes and l_out.
-_GEMMA_NODES = ResidualNodes(embd="inp_scaled", attn_resid="sa_out-{il}")
-
-# Architectures whose residual nodes were checked against the graph (tests list them). For pre-norm
-# blocks (llama, qwen, mistral) ablating the residual stream after each write equals the paper's hooks
-# on block inputs + attention outputs + MLP outputs. For Gemma's sandwich norms the paper's hooks on
-# the sub-block outputs are not an exact ablation (the post-norm puts the direction back, docs/method.md
-# §5.1, §9.11); the residual-stream ablation here is, so on Gemma the two differ by design.
-KNOWN_ARCHITECTURES: dict[str, ResidualNodes] = {
-    "llama": ResidualNodes(),
-    "qwen2": ResidualNodes(),
-    "qwen3": ResidualNodes(),
-    "mistral3": ResidualNodes(),
-    "gemma": _GEMMA_NODES,
-    "gemma2": _GEMMA_NODES,
-    "gemma3": _GEMMA_NODES,
-}
+__all__ = [
+    "KNOWN_ARCHITECTURES",
+    "PAPER_USER_TURNS",
+    "Generation",
+    "ModelInfo",
+    "PlanEntry",
+    "PromptFormat",
+    "ResidualNodes",
+    "Runtime",
+    "Timings",
+    "build_info",
+    "gpu_offload_supported",
+]
 
 
 # --- model facts ---------------------------------------------------------------------------
@@ -169,60 +104,13 @@ class Timings:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    """Streaming SHA-256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def gpu_offload_supported() -> bool:
-    """Whether this llama.cpp build can offload layers to a GPU."""
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
 def build_info() -> dict[str, Any]:
     """Versions and capabilities of the runtime and of our extension."""
     info = dict(_core.build_info())
-    info["llama_cpp_python"] = llama_cpp.__version__
+    info["llama_cpp_python"] = capi.llama_cpp_version()
     info["gpu_offload"] = gpu_offload_supported()
-    info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace")
+    info["system_info"] = capi.system_info()
     return info
-
-
-class _Batch:
-    """A llama_batch whose arrays are NumPy buffers (vectorised fills, one seq id per token)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self.seq_val = np.zeros(capacity, dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        base = self.seq_val.ctypes.data
-        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * capacity)(
-            *[ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32)) for i in range(capacity)]
-        )
-        self.batch = llama_cpp.llama_batch()
-        self.batch.token = self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        self.batch.embd = ctypes.POINTER(ctypes.c_float)()
-        self.batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        self.batch.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.batch.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
-        self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-
-    def fill(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, logits: np.ndarray) -> None:
-        n = len(tokens)
-        if n > self.capacity:
-            raise PyrefusalError(f"internal: batch of {n} tokens exceeds capacity {self.capacity}")
-        self.token[:n] = tokens
-        self.pos[:n] = pos
-        self.seq_val[:n] = seq
-        self.logits[:n] = logits
-        self.batch.n_tokens = n
 
 
 # --- the runtime ---------------------------------------------------------------------------
@@ -278,78 +166,48 @@ class Runtime:
         with self.path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{self.path} is not a GGUF file (bad magic). Re-download it or pass a .gguf file.")
-        _init_backend()
-        _silence_llama_logs()
-
-        mparams = llama_cpp.llama_model_default_params()
         if n_gpu_layers < 0:
             n_gpu_layers = 999 if gpu_offload_supported() else 0
-        mparams.n_gpu_layers = n_gpu_layers
-        mparams.use_extra_bufts = repack
         self.n_gpu_layers = n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise ModelError(
-                f"llama.cpp could not load {self.path} (truncated or corrupt file, or an architecture this "
-                f"llama.cpp {llama_cpp.__version__} does not know). Set PYREFUSAL_LLAMA_LOG=1 to see llama.cpp's log; "
-                "re-download the file if it is truncated."
-            )
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_layer = int(llama_cpp.llama_model_n_layer(self._model))
-        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._model = capi.Model(self.path, n_gpu_layers=n_gpu_layers, use_extra_bufts=repack)
+        self.n_layer = self._model.n_layer
+        self.n_embd = self._model.n_embd
+        self.n_vocab = self._model.n_vocab
         self.arch = self.meta("general.architecture") or "unknown"
-        self.nodes = KNOWN_ARCHITECTURES.get(self.arch, ResidualNodes())
+        self.nodes = residual_nodes(self.arch)
 
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self.hook: _core.Hook | None = _core.Hook(self.n_embd) if hook else None
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = True
-        cparams.no_perf = True
-        if kv_f32:
-            # Exact mode: f32 KV cache and no flash attention (llama.cpp's CPU flash attention
-            # rounds Q/K/V through f16, ~1e-3 on the residual stream).
-            cparams.type_k = llama_cpp.GGML_TYPE_F32
-            cparams.type_v = llama_cpp.GGML_TYPE_F32
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        threads = n_threads or os.cpu_count() or 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        if self.hook is not None:
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(_core.callback_address())
-            cparams.cb_eval = self._cb
-            cparams.cb_eval_user_data = ctypes.c_void_p(self.hook.user_data)
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-            raise ModelError(
-                f"llama.cpp could not create a context for {self.path} with n_ctx={n_ctx}, n_batch={n_batch}, "
-                f"n_seq_max={n_seq_max}. Lower them (less memory) and try again."
-            )
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = _Batch(n_batch)
+        params = capi.ContextParams(
+            n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads or os.cpu_count() or 1, kv_f32=kv_f32
+        )
+        callback = (_core.callback_address(), self.hook.user_data) if self.hook is not None else None
+        try:
+            self._ctx = capi.Context(self._model, params, eval_callback=callback)
+        except BaseException:
+            self._model.close()
+            raise
+        self._batch = capi.Batch(n_batch)
         self.timings = Timings()
         self._graph_names: set[str] | None = None
         self.share_prefix = True
-        self._loras: dict[str, Any] = {}
         self._cvec_on = False
         self._lora_on = False
 
-        template = llama_cpp.llama_model_chat_template(self._model, None)
-        self.chat_template: str | None = template.decode() if template else None
-        self._formatter: Jinja2ChatFormatter | None = None
+        self.chat_template: str | None = self._model.chat_template()
+        self.chat = ChatPrompts(
+            self.chat_template,
+            file_name=self.path.name,
+            tokenize=lambda text: self.tokenize(text, add_special=False, parse_special=True),
+            special_text=lambda token: self.detokenize([token], special=True),
+            bos=self._model.bos(),
+            eos=self._model.eos(),
+            add_bos=self._model.add_bos(),
+        )
         self.name = name or self.meta("general.name") or self.path.stem
         self._sha256 = sha256
-        self._eoi: list[int] | None = None
-        self._paper_turn: str | None = None
-        self._prompt_format: PromptFormat = "template"
 
     @classmethod
     def for_study(cls, config: Any, *, log: Callable[[str], None] | None = None) -> Runtime:
@@ -389,12 +247,12 @@ class Runtime:
 
     def close(self) -> None:
         """Free the llama.cpp context and model (idempotent)."""
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.close()  # the context before its model
+        model = getattr(self, "_model", None)
+        if model is not None:
+            model.close()
 
     def __enter__(self) -> Self:
         return self
@@ -409,19 +267,15 @@ class Runtime:
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as a string (None when absent)."""
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode(errors="replace") if n >= 0 else None
+        return self._model.meta(key)
 
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = sha256_of(self.path)
+            self._sha256 = sha256_file(self.path)
         return self._sha256
 
     def info(self) -> ModelInfo:
-        desc = ctypes.create_string_buffer(256)
-        llama_cpp.llama_model_desc(self._model, desc, len(desc))
         ftype = self.meta("general.file_type")
         return ModelInfo(
             name=self.name,
@@ -431,8 +285,8 @@ class Runtime:
             n_layer=self.n_layer,
             n_embd=self.n_embd,
             n_vocab=self.n_vocab,
-            n_params=int(llama_cpp.llama_model_n_params(self._model)),
-            file_type=f"{desc.value.decode(errors='replace')} (general.file_type={ftype})",
+            n_params=self._model.n_params(),
+            file_type=f"{self._model.desc()} (general.file_type={ftype})",
             chat_template=self.chat_template,
         )
 
@@ -440,54 +294,26 @@ class Runtime:
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         """Tokenise ``text`` (special tokens such as ``<|im_start|>`` parsed by default)."""
-        raw = text.encode("utf-8")
-        cap = len(raw) + 16
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        return list(buf[:n])
+        return self._model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        """Bytes of one token's text (a piece may be part of a UTF-8 character)."""
+        return self._model.token_to_piece(token, special=special)
 
     def detokenize(self, tokens: Iterable[int], *, special: bool = False) -> str:
         """Text of ``tokens``; control tokens are dropped unless ``special``."""
         return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        """Whether ``token`` ends generation (EOS, end of turn)."""
+        return self._model.is_eog(token)
 
     # -- chat formatting ---------------------------------------------------------------------
-
-    def _chat_formatter(self) -> Jinja2ChatFormatter:
-        if self._formatter is None:
-            if not self.chat_template:
-                raise ModelError(
-                    f"{self.path.name} has no chat template in its metadata (tokenizer.chat_template); "
-                    "pyrefusal needs a chat model. Use an instruction-tuned GGUF."
-                )
-            bos = llama_cpp.llama_vocab_bos(self._vocab)
-            eos = llama_cpp.llama_vocab_eos(self._vocab)
-            self._formatter = Jinja2ChatFormatter(
-                template=self.chat_template,
-                bos_token=self.detokenize([bos], special=True) if bos >= 0 else "",
-                eos_token=self.detokenize([eos], special=True) if eos >= 0 else "",
-                add_generation_prompt=True,
-            )
-        return self._formatter
 
     def format_messages(self, messages: list[dict[str, str]]) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) with the GGUF's own
         chat template, ending with the assistant's turn opened (``add_generation_prompt``)."""
-        return self._chat_formatter()(messages=messages).prompt  # type: ignore[arg-type]
+        return self.chat.format_messages(messages)
 
     def format_chat(self, instruction: str, system: str | None = None) -> str:
         """Render one user turn with the GGUF's own chat template, ready for the reply.
@@ -496,38 +322,24 @@ class Runtime:
         llama.cpp chat app would, unless :attr:`prompt_format` is ``"paper"``: then the prompt is the
         user turn alone, with no system turn (:meth:`paper_user_turn`).
         """
-        if system is None and self.prompt_format == "paper":
-            return self.paper_user_turn().replace("{x}", instruction)
-        messages: list[dict[str, str]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": instruction})
-        return self.format_messages(messages)
+        return self.chat.format_chat(instruction, system)
 
     @property
     def family(self) -> str | None:
         """The paper's model family this model belongs to (``"qwen2"``, ``"llama3"``, ``"gemma2"``) or None;
-        it picks the paper's refusal tokens (:data:`pyrefusal.method.selection.PAPER_REFUSAL_OPENINGS`)."""
-        if self.arch in ("qwen2", "gemma2"):
-            return self.arch
-        if self.arch == "llama" and PAPER_USER_TURNS["llama3"][0] in (self.chat_template or ""):
-            return "llama3"
-        return None
+        it picks the paper's refusal tokens (:data:`pyrefusal.families.PAPER_REFUSAL_OPENINGS`)."""
+        return detect_family(self.arch, self.chat_template)
 
     @property
     def prompt_format(self) -> PromptFormat:
         """How a prompt without a system message is rendered: ``"template"`` (the GGUF chat template,
         with the default system prompt it may add, as llama.cpp chat apps do) or ``"paper"`` (the user
         turn alone, as the paper: :data:`PAPER_USER_TURNS`)."""
-        return self._prompt_format
+        return self.chat.prompt_format
 
     @prompt_format.setter
     def prompt_format(self, value: PromptFormat) -> None:
-        if value not in ("template", "paper"):
-            raise ValueError(f"prompt_format must be 'template' or 'paper', got {value!r}")
-        if value != self._prompt_format:
-            self._prompt_format = value
-            self._eoi = None  # derived from the rendering
+        self.chat.prompt_format = value
 
     def paper_user_turn(self) -> str:
         """The paper's prompt for this model's chat format, ``"{x}"`` standing for the instruction.
@@ -540,34 +352,7 @@ class Runtime:
             ModelError: the template is not ChatML (Qwen, Yi), Llama 3 or Gemma, or does not end as
                 that format does.
         """
-        if self._paper_turn is not None:
-            return self._paper_turn
-        template = self.chat_template or ""
-        family = next((f for f, (marker, _) in PAPER_USER_TURNS.items() if marker in template), None)
-        if family is None:
-            raise ModelError(
-                f"the paper's prompt format (no system turn) is defined for ChatML (Qwen, Yi), Llama 3 and Gemma "
-                f"chat templates, and {self.path.name}'s template is none of them; use --prompt-format template "
-                "(the GGUF's own template) or give an explicit --system-prompt"
-            )
-        turn = PAPER_USER_TURNS[family][1]
-        rendered = (
-            self.format_messages(
-                [{"role": "system", "content": _SYSTEM_SENTINEL}, {"role": "user", "content": _SENTINEL}]
-            )
-            if family != "gemma"  # Gemma templates reject a system role
-            else self.format_messages([{"role": "user", "content": _SENTINEL}])
-        )
-        if not rendered.endswith(turn.replace("{x}", _SENTINEL)):
-            raise ModelError(
-                f"{self.path.name}'s chat template does not end its user turn as the paper's {family} format "
-                f"({turn!r}); use --prompt-format template"
-            )
-        bos = llama_cpp.llama_vocab_bos(self._vocab)  # added where the tokenizer adds it (as HF's tokenizer call)
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        prefix = self.detokenize([bos], special=True) if add_bos and bos >= 0 else ""
-        self._paper_turn = prefix + turn
-        return self._paper_turn
+        return self.chat.paper_user_turn()
 
     def chat_tokens(self, instruction: str, system: str | None = None) -> list[int]:
         """Tokens of a formatted chat prompt (as llama-cpp-python's chat completion tokenises it)."""
@@ -579,15 +364,7 @@ class Runtime:
         Derived by rendering a sentinel instruction and tokenising the suffix after it; for
         Qwen2.5 this is ``<|im_end|> \\n <|im_start|> assistant \\n`` (5 tokens).
         """
-        if self._eoi is None:
-            rendered = self.format_chat(_SENTINEL, system)
-            if _SENTINEL not in rendered:
-                raise ModelError("the chat template dropped the user's text; cannot derive post-instruction tokens")
-            suffix = rendered.split(_SENTINEL)[-1]
-            self._eoi = self.tokenize(suffix, add_special=False, parse_special=True)
-            if not self._eoi:
-                raise ModelError("the chat template puts nothing after the user's text; no post-instruction tokens")
-        return list(self._eoi)
+        return self.chat.eoi_tokens(system)
 
     # -- the hook ----------------------------------------------------------------------------
 
@@ -627,7 +404,7 @@ class Runtime:
                 f"the {self.arch!r} graph has no node(s) {missing[:6]}, which pyrefusal edits to ablate and add "
                 f"directions; it knows the residual nodes of {sorted(KNOWN_ARCHITECTURES)}. Node names of this "
                 f"model: {sorted(n for n in self.graph_node_names() if n.endswith('-0'))}. Use a model of a "
-                "known architecture, or add its node names to pyrefusal.runtime.runtime.KNOWN_ARCHITECTURES."
+                "known architecture, or add its node names to pyrefusal.families.ARCHITECTURES."
             )
 
     def set_plan(
@@ -677,21 +454,10 @@ class Runtime:
         """
         if vectors is None:
             if self._cvec_on:
-                llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
+                capi.apply_control_vector(self._ctx.ptr, None, self.n_embd, self.n_layer)
                 self._cvec_on = False
             return
-        if any(not 1 <= il < self.n_layer for il in vectors):
-            raise HookError(
-                f"control-vector layers must be in 1..{self.n_layer - 1} (llama.cpp cannot steer layer 0); "
-                f"got {sorted(vectors)}. Use the hook (Addition) to add at block input 0 or 1."
-            )
-        data = np.zeros((self.n_layer - 1, self.n_embd), dtype=np.float32)  # row il-1 = layer il
-        for il, v in vectors.items():
-            data[il - 1] += np.asarray(v, dtype=np.float32).reshape(self.n_embd)
-        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = llama_cpp.llama_set_adapter_cvec(self._ctx, ptr, data.size, self.n_embd, 1, self.n_layer - 1)
-        if rc != 0:
-            raise HookError(f"llama_set_adapter_cvec failed with code {rc}")
+        capi.apply_control_vector(self._ctx.ptr, vectors, self.n_embd, self.n_layer, all_layers=True)
         self._cvec_on = True
 
     def set_lora(self, adapters: Sequence[tuple[str | os.PathLike[str], float]] | None) -> None:
@@ -705,24 +471,19 @@ class Runtime:
         """
         if not adapters:
             if self._lora_on:
-                llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+                self._ctx.set_loras([])
                 self._lora_on = False
             return
-        handles = []
-        for path, _ in adapters:
-            key = str(Path(path).resolve())
-            if key not in self._loras:
-                h = llama_cpp.llama_adapter_lora_init(self._model, key.encode())
-                if not h:
-                    raise ModelError(
-                        f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}: it must be a GGUF "
-                        "adapter (general.type=adapter) made for this base model's architecture and shapes."
-                    )
-                self._loras[key] = h
-            handles.append(self._loras[key])
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
-        scales = (ctypes.c_float * len(handles))(*[float(s) for _, s in adapters])
-        rc = llama_cpp.llama_set_adapters_lora(self._ctx, arr, len(handles), scales)
+        handles: list[tuple[capi.LoraAdapter, float]] = []
+        for path, scale in adapters:
+            adapter = self._model.lora(str(Path(path).resolve()))
+            if adapter is None:
+                raise ModelError(
+                    f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}: it must be a GGUF "
+                    "adapter (general.type=adapter) made for this base model's architecture and shapes."
+                )
+            handles.append((adapter, float(scale)))
+        rc = self._ctx.set_loras(handles)
         if rc != 0:
             raise ModelError(f"llama_set_adapters_lora failed with code {rc}")
         self._lora_on = True
@@ -737,11 +498,12 @@ class Runtime:
     # -- decoding ----------------------------------------------------------------------------
 
     def clear_memory(self) -> None:
-        llama_cpp.llama_memory_clear(self._mem, True)
+        """Clear the KV cache of every sequence."""
+        self._ctx.clear_memory()
 
     def _decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, logits: np.ndarray) -> None:
         self._batch.fill(tokens, pos, seq, logits)
-        rc = llama_cpp.llama_decode(self._ctx, self._batch.batch)
+        rc = self._ctx.decode(self._batch)
         self.timings.decodes += 1
         err = self.hook.take_error() if self.hook is not None else ""
         if err:
@@ -753,8 +515,7 @@ class Runtime:
             )
 
     def _logits(self, n_out: int) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))  # (n_out, n_vocab) view, float32
+        return self._ctx.logits(n_out)  # (n_out, n_vocab) view, float32
 
     def _groups(self, lengths: Sequence[int], extra: int) -> list[list[int]]:
         """Split sequence indices into groups that fit n_seq_max and the KV cache."""
@@ -808,7 +569,7 @@ class Runtime:
                     np.zeros(n, np.int8),
                 )
             for s in range(1, len(members)):
-                llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
+                self._ctx.seq_copy(0, s)
             self.timings.prompt_tokens += shared
         # Flatten (token, pos, seq, want_logits, capture_slot) over the group.
         toks, poss, seqs, outs, slots = [], [], [], [], []

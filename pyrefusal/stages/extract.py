@@ -2,8 +2,10 @@
 
 The model-driven part of direction extraction, shared by ``pyrefusal run`` (:mod:`pyrefusal.studies.run`),
 the cross-lingual analysis (:mod:`pyrefusal.studies.transfer`) and the quantization sweep
-(:mod:`pyrefusal.studies.quantsweep`). It takes token lists and returns typed values; where they are stored,
-and under which record format, is each caller's business.
+(:mod:`pyrefusal.studies.quantsweep`). :func:`extract_candidates` takes token lists and returns typed values;
+:func:`extract_stage` is the stage the studies compose: it formats the sampled train prompts, extracts,
+and owns the stage's files (``candidates.npz``, ``candidates.npy``, ``activations.npz``, the train part of
+``prompts.json``; :class:`~pyrefusal.stages.layout.DirectionFiles`), reusing them when present.
 
 The paper's filters: a harmful prompt is kept when the model's refusal score on it is positive (it
 refuses), a harmless one when the score is negative (it complies); train prompts are filtered on the
@@ -14,16 +16,20 @@ divide by zero), and the log says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from pyrefusal.common import Log
+from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.method.directions import Candidates, mean_difference
 from pyrefusal.method.selection import refusal_scores
-
-Log = Callable[[str], None]
+from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.stages.layout import DirectionFiles, PromptRecord
 
 #: Below this many prompts of a class after filtering, the unfiltered set is used.
 MIN_FILTERED = 4
@@ -54,7 +60,12 @@ def filter_mask(scores: np.ndarray, keep_positive: bool, log: Log, what: str) ->
 
 
 def filter_by_refusal(
-    runtime: Any, tokens: Sequence[list[int]], refusal_ids: list[int], keep_positive: bool, log: Log, what: str
+    runtime: ModelRunner,
+    tokens: Sequence[list[int]],
+    refusal_ids: Sequence[int],
+    keep_positive: bool,
+    log: Log,
+    what: str,
 ) -> np.ndarray:
     """One forward pass over ``tokens`` and :func:`filter_mask` of their refusal scores (``(n,)`` bool)."""
     scores = refusal_scores(runtime.last_logits(list(tokens)), refusal_ids)  # (n,)
@@ -82,11 +93,11 @@ class TrainCandidates:
 
 
 def extract_candidates(
-    runtime: Any,
+    runtime: ModelRunner,
     harmful: Sequence[list[int]],
     harmless: Sequence[list[int]],
     positions: tuple[int, ...],
-    refusal_ids: list[int],
+    refusal_ids: Sequence[int],
     *,
     filter: bool,
     log: Log,
@@ -120,3 +131,109 @@ def extract_candidates(
     return TrainCandidates(
         cands, keep_h, keep_l, harm if keep_activations else None, less if keep_activations else None
     )
+
+
+def post_instruction_positions(runtime: ModelRunner, system: str | None) -> tuple[int, ...]:
+    """The post-instruction (eoi) positions of the chat template, e.g. ``(-5, ..., -1)`` (docs/method.md §3)."""
+    return tuple(range(-len(runtime.eoi_tokens(system)), 0))
+
+
+def format_prompts(runtime: ModelRunner, prompts: Sequence[Prompt], system: str | None) -> list[list[int]]:
+    """Chat-formatted token lists of ``prompts`` (``system`` = None: the template's default)."""
+    return [runtime.chat_tokens(p.text, system) for p in prompts]
+
+
+def save_activations(path: Path, acts: Mapping[str, np.ndarray]) -> None:
+    """Write per-prompt activations ``{kind: (n, n_positions, n_layers, n_embd)}`` as float16 ``.npz``."""
+    np.savez_compressed(path, **{k: np.asarray(v, dtype=np.float16) for k, v in acts.items()})
+
+
+def load_activations(path: Path) -> dict[str, np.ndarray]:
+    """Inverse of :func:`save_activations` (float16 arrays)."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """What :func:`extract_stage` returns.
+
+    Attributes:
+        candidates: the difference-in-means candidates, float64 ``(n_positions, n_layers, n_embd)``.
+        prompts: the ``prompts.json`` record (kept train ids, sampled counts; later stages add to it).
+        activations: ``{"harmful": (n, n_positions, n_layers, n_embd), "harmless": ...}`` float16, or None.
+        seconds: wall time of the extraction, None when the files were reused.
+    """
+
+    candidates: Candidates
+    prompts: PromptRecord
+    activations: dict[str, np.ndarray] | None = None
+    seconds: float | None = None
+
+
+def extract_stage(
+    runtime: ModelRunner,
+    sampled: Mapping[str, Sequence[Prompt]],
+    files: DirectionFiles | None,
+    refusal_ids: Sequence[int],
+    *,
+    system: str | None,
+    filter: bool,
+    log: Log,
+    positions: tuple[int, ...] | None = None,
+    projection: Literal["none", "harmless"] = "none",
+    keep_activations: bool = False,
+    label: str = "",
+) -> Extracted:
+    """Stage 2: capture the train prompts, filter them, take the mean difference; save or reuse the files.
+
+    Args:
+        runtime: the model (with the hook).
+        sampled: the paper sample (``harmful_train``, ``harmless_train``, ``harmful_val``, ``harmless_val``).
+        files: where the stage's files go (None: nothing is saved or reused); ``candidates.npz`` and
+            ``prompts.json`` there are reused, with ``activations.npz`` when present. ``candidates.npy`` is
+            written when ``files.candidates_f32`` is set.
+        refusal_ids: refusal tokens for the filter's scores.
+        system: system prompt (None: the template's default).
+        filter: the paper's train filter.
+        log: messages (prefixed with ``label`` when given).
+        positions: post-instruction positions to extract (default: all of them).
+        projection: ``"harmless"``: candidates made orthogonal to the harmless mean.
+        keep_activations: capture and return (and, with ``files.activations``, save) the per-prompt
+            train activations.
+        label: a language or variant name for the messages.
+    """
+    pre = f"{label}: " if label else ""
+    if files is not None and files.candidates.exists() and files.prompts.exists():
+        acts = None
+        if files.activations is not None and files.activations.exists():
+            acts = load_activations(files.activations)
+        log(f"{pre}reusing candidates.npz")
+        return Extracted(Candidates.load(files.candidates), PromptRecord.load(files.prompts), acts)
+    t = time.perf_counter()
+    train = extract_candidates(
+        runtime,
+        format_prompts(runtime, sampled["harmful_train"], system),
+        format_prompts(runtime, sampled["harmless_train"], system),
+        positions if positions is not None else post_instruction_positions(runtime, system),
+        refusal_ids,
+        filter=filter,
+        log=log,
+        label=label,
+        keep_activations=keep_activations,
+    )
+    cands = train.candidates.project_out_harmless() if projection == "harmless" else train.candidates
+    record = PromptRecord.from_train(sampled, list(train.harmful_kept), list(train.harmless_kept))
+    acts = None
+    if train.harmful_acts is not None and train.harmless_acts is not None:
+        acts = {"harmful": train.harmful_acts.astype(np.float16), "harmless": train.harmless_acts.astype(np.float16)}
+    if files is not None:
+        if files.candidates_f32 is not None:
+            # (n_positions, n_layers, n_embd) float32 for users; the .npz keeps float64 and the means
+            np.save(files.candidates_f32, cands.vectors.astype(np.float32))
+        cands.save(files.candidates)
+        if acts is not None and files.activations is not None:
+            save_activations(files.activations, acts)
+        record.save(files.prompts)
+    log(f"{pre}candidates from {cands.n_harmful} harmful / {cands.n_harmless} harmless train prompts")
+    return Extracted(cands, record, acts, time.perf_counter() - t)

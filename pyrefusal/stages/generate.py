@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pyrefusal.common import Log, Progress
 from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method import intervention as iv
 from pyrefusal.method.refusal import RefusalDetector
 from pyrefusal.rundir import read_records
+from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.steering import router
 
 REPETITION_NGRAM = 10
 """Character n-gram length for :func:`repetition` (characters, so that it works without word boundaries)."""
@@ -81,7 +84,7 @@ class Completion:
 
 
 def generate_completions(
-    runtime: Any,
+    runtime: ModelRunner,
     prompts: Sequence[Prompt],
     intervention: iv.Intervention,
     detector: RefusalDetector,
@@ -90,16 +93,16 @@ def generate_completions(
     system: str | None = None,
     batch_size: int = 16,
     on_batch: Callable[[list[Completion]], None] | None = None,
-    path: iv.PathChoice = "hook",
+    path: router.PathChoice = "hook",
     routes: dict[str, str] | None = None,
 ) -> list[Completion]:
     """Generate greedily for ``prompts`` under ``intervention`` and judge each response.
 
     ``on_batch`` receives each finished batch (e.g. to append it to a JSONL file). ``path`` picks
-    hook or in-graph steering (:func:`pyrefusal.method.intervention.arm`); the path actually used is
+    hook or in-graph steering (:func:`pyrefusal.steering.router.arm`); the path actually used is
     stored in ``routes[intervention.name]`` when ``routes`` is given.
     """
-    used = iv.arm(runtime, intervention, path=path)
+    used = router.arm(runtime, intervention, path=path)
     if routes is not None:
         routes[intervention.name] = used
     out: list[Completion] = []
@@ -135,7 +138,7 @@ def generate_completions(
     return out
 
 
-def refusal_onset(runtime: Any, tokens: Sequence[int], lang: str, detector: RefusalDetector) -> int | None:
+def refusal_onset(runtime: ModelRunner, tokens: Sequence[int], lang: str, detector: RefusalDetector) -> int | None:
     """Return the smallest ``k`` such that the first ``k`` generated tokens already read as a refusal.
 
     Binary search between the empty prefix (never a refusal) and the whole response, so it costs
@@ -246,3 +249,86 @@ def summarize(
         if budgets:
             out[lang][cond][kind]["refusal_by_budget"] = refusal_by_budget(rows, budgets)
     return out
+
+
+def wanted_pairs(
+    test_ids: Mapping[str, Mapping[str, Sequence[str]]], conditions: Sequence[str]
+) -> set[tuple[str, str]]:
+    """``(prompt id, condition)`` of every completion a configuration asks for, from its test prompt ids
+    (``{lang: {kind: [id, ...]}}``, as ``prompts.json`` stores them)."""
+    return {(pid, c) for kinds in test_ids.values() for ids in kinds.values() for pid in ids for c in conditions}
+
+
+def configured(completions: Sequence[Completion], wanted: set[tuple[str, str]]) -> list[Completion]:
+    """The completions a configuration asks for (:func:`wanted_pairs`): a run extended and then narrowed
+    again keeps the others in ``completions.jsonl``."""
+    return [c for c in completions if (c.prompt_id, c.condition) in wanted]
+
+
+def generate_stage(
+    runtime: ModelRunner,
+    jobs: Sequence[tuple[iv.Intervention, Sequence[Prompt]]],
+    completions_path: Path,
+    detector: RefusalDetector,
+    *,
+    max_new_tokens: int,
+    system: str | None,
+    batch_size: int,
+    progress: Progress | None = None,
+    stage: str = "generation",
+    path: router.PathChoice = "hook",
+    routes: dict[str, str] | None = None,
+    log: Log | None = None,
+) -> int:
+    """Stage 4: generate the completions of ``jobs`` that ``completions_path`` does not hold yet.
+
+    Each job is one intervention with its prompts and becomes one :func:`generate_completions` call (one
+    plan arm) over the prompts not yet answered under it; batches are appended to ``completions_path`` as
+    they finish, so an interrupted study resumes where it stopped.
+
+    Args:
+        runtime: the model.
+        jobs: ``(intervention, prompts)`` in generation order.
+        completions_path: the study's append-only ``completions.jsonl``.
+        detector: judges each response.
+        max_new_tokens / system / batch_size: generation settings.
+        progress: ``progress(stage, done, total)`` over every wanted completion.
+        stage: the progress stage's name.
+        path / routes: steering path and the record of paths used (:func:`generate_completions`).
+        log: says how many completions were already there, when some were.
+
+    Returns:
+        The number of completions generated now.
+    """
+    done = {(c.prompt_id, c.condition) for c in read_jsonl(completions_path)}
+    total = sum(len(ps) for _, ps in jobs)
+    finished = sum(1 for inter, ps in jobs for p in ps if (p.id, inter.name) in done)
+    if finished and log is not None:
+        log(f"{stage}: {finished}/{total} completions already in {completions_path.name}; resuming")
+    made = 0
+
+    def on_batch(batch: list[Completion]) -> None:
+        nonlocal finished, made
+        append_jsonl(completions_path, batch)
+        finished += len(batch)
+        made += len(batch)
+        if progress:
+            progress(stage, finished, total)
+
+    for inter, prompts in jobs:
+        todo = [p for p in prompts if (p.id, inter.name) not in done]
+        if not todo:
+            continue
+        generate_completions(
+            runtime,
+            todo,
+            inter,
+            detector,
+            max_new_tokens=max_new_tokens,
+            system=system,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            path=path,
+            routes=routes,
+        )
+    return made

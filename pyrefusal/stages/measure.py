@@ -25,27 +25,35 @@ from, so use a text file for a strictly unseen sample.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.data.polyrefuse import PolyRefuse
+from pyrefusal.data.polyrefuse import PolyRefuse, Prompt
 from pyrefusal.errors import DataError, PyrefusalError
-from pyrefusal.method.selection import kl_divergence
+from pyrefusal.method.intervention import Intervention
+from pyrefusal.method.selection import kl_divergence, refusal_openings, refusal_token_ids
+from pyrefusal.rundir import digest, write_atomic
+from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.steering import router
 
 __all__ = [
     "CapabilityReport",
+    "Metrics",
     "capability_report",
     "first_token_kl",
     "heldout_texts",
+    "measure_capability",
+    "measure_first_token_refusal",
     "perplexity",
     "text_nll",
 ]
 
-ArmFn = Callable[[Any], None]
-"""Arms an intervention on a Runtime, e.g. ``lambda rt: intervention.arm(rt, iv.ablation(r))``."""
+ArmFn = Callable[[ModelRunner], None]
+"""Arms an intervention on a Runtime, e.g. ``lambda rt: router.arm(rt, iv.ablation(r))``."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ class CapabilityReport:
         return asdict(self)
 
 
-def first_token_kl(runtime: Any, harmless_prompts_tokens: Sequence[Sequence[int]], arm_fn: ArmFn) -> float:
+def first_token_kl(runtime: ModelRunner, harmless_prompts_tokens: Sequence[Sequence[int]], arm_fn: ArmFn) -> float:
     """Mean KL(baseline || intervention) of the last-position next-token distribution.
 
     Args:
@@ -106,7 +114,7 @@ def first_token_kl(runtime: Any, harmless_prompts_tokens: Sequence[Sequence[int]
     return float(kl_divergence(base, new).mean())
 
 
-def _bos_prefix(runtime: Any) -> list[int]:
+def _bos_prefix(runtime: ModelRunner) -> list[int]:
     """Tokens the model's tokenizer puts before a text (``[BOS]`` or ``[]``), per its GGUF policy."""
     full = runtime.tokenize("a", add_special=True)
     body = runtime.tokenize("a", add_special=False)
@@ -116,7 +124,7 @@ def _bos_prefix(runtime: Any) -> list[int]:
     return []  # no BOS (an appended EOS, if any, is not a prefix and is not scored)
 
 
-def _windows(runtime: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+def _windows(runtime: ModelRunner, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
     """Token windows of at most ``max_tokens`` tokens (BOS repeated per window when the model uses one)."""
     if max_tokens < 2:
         raise PyrefusalError(f"max_tokens must be >= 2 to predict anything; got {max_tokens}")
@@ -132,7 +140,7 @@ def _windows(runtime: Any, texts: Sequence[str], max_tokens: int) -> list[list[i
     return windows
 
 
-def text_nll(runtime: Any, texts: Sequence[str], *, max_tokens: int = 512) -> tuple[float, int]:
+def text_nll(runtime: ModelRunner, texts: Sequence[str], *, max_tokens: int = 512) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of predicted tokens of ``texts``.
 
     Uses the armed plan, so call it after arming an intervention to score under it.
@@ -159,7 +167,7 @@ def text_nll(runtime: Any, texts: Sequence[str], *, max_tokens: int = 512) -> tu
     return total, int(sum(len(lp) for lp in lps))
 
 
-def perplexity(runtime: Any, texts: list[str], *, max_tokens: int = 512) -> float:
+def perplexity(runtime: ModelRunner, texts: list[str], *, max_tokens: int = 512) -> float:
     """Perplexity ``exp(mean NLL)`` over every predicted token of ``texts`` under the armed plan.
 
     Args:
@@ -217,7 +225,7 @@ def heldout_texts(
 
 
 def capability_report(
-    runtime: Any,
+    runtime: ModelRunner,
     texts: Sequence[str],
     harmless_prompts_tokens: Sequence[Sequence[int]],
     arm_fn: ArmFn,
@@ -260,3 +268,125 @@ def capability_report(
         n_kl_prompts=len(harmless_prompts_tokens),
         text_source=text_source,
     )
+
+
+class Metrics:
+    """``metrics.json`` of a run: the measure stage's model-dependent numbers, cached between invocations.
+
+    ``{"first_token": {lang: {condition: mean p_R}}, "capability": {condition: CapabilityReport dict},
+    "first_token_prompts": {lang: digest of the harmful test ids}, "steering": {condition: "hook"|"graph"|...}}``.
+    Wraps the stored dict so that its key order (and bytes) stay as written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        for key in ("first_token", "capability", "first_token_prompts", "steering"):
+            self.data.setdefault(key, {})
+
+    @property
+    def first_token(self) -> dict[str, dict[str, float]]:
+        """``{lang: {condition: mean first-token refusal probability}}``."""
+        return self.data["first_token"]
+
+    @property
+    def capability(self) -> dict[str, Any]:
+        """``{condition: CapabilityReport.to_dict()}``."""
+        return self.data["capability"]
+
+    @property
+    def steering(self) -> dict[str, str]:
+        """``{condition: steering path(s) used}``."""
+        return self.data["steering"]
+
+    def save(self) -> None:
+        """Write ``metrics.json`` atomically."""
+        write_atomic(self.path, json.dumps(self.data, indent=1))
+
+    def note_test_prompts(self, test: Mapping[str, Mapping[str, Sequence[Prompt]]]) -> None:
+        """Forget the first-token values of a language whose harmful test prompts changed since they were
+        computed (another data file); values from before this record existed are kept."""
+        ids = self.data["first_token_prompts"]
+        for lang, kinds in test.items():
+            key = digest(*(p.id for p in kinds.get("harmful", [])))
+            if lang in ids and ids[lang] != key:
+                self.first_token.pop(lang, None)
+            ids[lang] = key
+
+    def note_routes(self, routes: Mapping[str, str]) -> None:
+        """Record the steering path of each condition over every invocation that generated some of its
+        completions: ``"hook"``, ``"graph"``, or ``"graph+hook"`` if it changed."""
+        used = self.steering
+        for cond, route in routes.items():
+            earlier = set(used[cond].split("+")) if cond in used else set()
+            used[cond] = "+".join(sorted(earlier | {route}))
+
+
+def measure_first_token_refusal(
+    runtime: ModelRunner,
+    test: Mapping[str, Mapping[str, Sequence[Prompt]]],
+    interventions: Mapping[str, Intervention],
+    conditions: Sequence[str],
+    system: str | None,
+    out: dict[str, dict[str, float]],
+    save: Callable[[], None],
+) -> None:
+    """Mean probability of the target language's refusal tokens at the first answer position (no generation).
+
+    Fills ``out[lang][condition]`` where missing (values from an earlier call are kept) and calls
+    ``save`` after each language.
+    """
+    from pyrefusal.stages.judge import first_token_refusal
+
+    for lang, kinds in test.items():
+        prompts = kinds.get("harmful", [])
+        todo = [c for c in conditions if c not in out.get(lang, {})]
+        if not prompts or not todo:
+            continue
+        openings = refusal_openings(lang, runtime.family) or refusal_openings("en", runtime.family)
+        ids = refusal_token_ids(lambda w: runtime.tokenize(w), lang, openings)
+        toks = [runtime.chat_tokens(p.text, system) for p in prompts]
+        for cond in todo:
+            router.arm(runtime, interventions[cond])
+            try:
+                out.setdefault(lang, {})[cond] = float(first_token_refusal(runtime, toks, ids).mean())
+            finally:
+                runtime.clear_plan()
+        save()
+
+
+def measure_capability(
+    runtime: ModelRunner,
+    data: PolyRefuse,
+    interventions: Mapping[str, Intervention],
+    conditions: Sequence[str],
+    n_texts: int,
+    system: str | None,
+    out: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """Perplexity on held-out English text and first-token KL on harmless prompts, per intervention
+    (:func:`capability_report`): ``n_texts`` English harmless test prompts as texts, the next ``n_texts``
+    as KL prompts.
+
+    Fills ``out[condition]`` where missing and calls ``save`` after each condition.
+    """
+    # the test split is disjoint from train/val by construction (docs/method.md §1.2)
+    pool = data.load("en", "test", "harmless") if data.has("en", "test", "harmless") else []
+    if not pool:
+        return
+    texts = [p.text for p in pool[:n_texts]]
+    kl_prompts = [runtime.chat_tokens(p.text, system) for p in pool[n_texts : 2 * n_texts]]
+    for cond in conditions:
+        if cond == "baseline" or cond in out:
+            continue
+        rep = capability_report(
+            runtime,
+            texts,
+            kl_prompts,
+            lambda r, c=cond: router.arm(r, interventions[c]),
+            condition=cond,
+            text_source="polyrefuse:en/test/harmless (unused by train/val)",
+        )
+        out[cond] = rep.to_dict()
+        save()

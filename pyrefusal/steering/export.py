@@ -54,6 +54,7 @@ import numpy as np
 from pyrefusal import __version__
 from pyrefusal.data.registry import cache_dir, cached_sha256
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.families import LORA_EXACT_ARCHITECTURES  # per-architecture LoRA exactness
 from pyrefusal.method.intervention import orthonormalize
 
 __all__ = [
@@ -79,9 +80,6 @@ __all__ = [
 CVEC_ARCH = "controlvector"
 #: Version of pyrefusal's LoRA layout; part of cached adapter names (bump to invalidate caches).
 LORA_FORMAT = 1
-#: Architectures whose llama.cpp graph is pre-norm with every residual write through
-#: ``build_lora_mm`` (checked in src/models/{llama,qwen2,qwen3,mistral3}.cpp of llama.cpp 0.3.36).
-LORA_EXACT_ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3", "mistral3"})
 
 _WRITERS = ("attn_output", "ffn_down")  # per-block matrices that write into the residual stream
 _RESERVED = ("intervention", "version", "semantics")  # pyrefusal.* keys the exporter owns
@@ -295,9 +293,7 @@ def load_control_vector(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
         raise ExportError(f"{path} is not a control vector (general.architecture={arch!r}, expected {CVEC_ARCH!r})")
     kind = reader.fields.get("pyrefusal.intervention")
     if kind is not None and kind.contents() != "addition":
-        raise ExportError(
-            f"{path} says pyrefusal.intervention={kind.contents()!r}; a control vector can only add"
-        )
+        raise ExportError(f"{path} says pyrefusal.intervention={kind.contents()!r}; a control vector can only add")
     out: dict[int, np.ndarray] = {}
     for t in reader.tensors:
         m = re.fullmatch(r"direction\.(\d+)", t.name)

@@ -34,18 +34,15 @@ exports.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
+import llama_cpp  # noqa: F401  (import llama_cpp before numpy/gguf: required in CUDA processes)
 
 import gguf
 import numpy as np
@@ -54,7 +51,9 @@ from pyrefusal import __version__
 from pyrefusal.data.registry import cached_sha256
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.intervention import orthonormalize
+from pyrefusal.runtime import capi
 from pyrefusal.steering import export as ex
+from pyrefusal.steering.router import arm, disarm
 
 __all__ = [
     "FLOAT_FTYPES",
@@ -81,18 +80,8 @@ class MergeError(PyrefusalError):
 # --- llama.cpp file types ------------------------------------------------------------------
 
 
-def _ftype_table() -> dict[str, int]:
-    """``llama_ftype`` values by lower-case name (``q4_k_m`` -> 15), read from llama-cpp-python's constants."""
-    table: dict[str, int] = {}
-    for attr in dir(llama_cpp):
-        for prefix in ("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"):
-            if attr.startswith(prefix):
-                table[attr.removeprefix(prefix).lower()] = int(getattr(llama_cpp, attr))
-    return table
-
-
 #: llama.cpp file types by name (``f32``, ``f16``, ``q8_0``, ``q4_k_m``, ...).
-FTYPES: dict[str, int] = _ftype_table()
+FTYPES: dict[str, int] = capi.ftype_table()
 #: File types whose matrices are stored unquantized.
 FLOAT_FTYPES: frozenset[int] = frozenset(FTYPES[n] for n in ("f32", "f16", "bf16") if n in FTYPES)
 
@@ -130,20 +119,6 @@ def tensor_types(path: str | os.PathLike[str]) -> dict[str, str]:
 
 # --- llama.cpp's quantizer -----------------------------------------------------------------
 
-_GGML_LOG_ERROR = 4
-_captured: list[tuple[int, str]] | None = None
-
-
-@llama_cpp.llama_log_callback
-def _collect_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp log sink while quantizing: keeps the lines for error messages, echoes them when asked."""
-    line = text.decode(errors="replace")
-    if _captured is not None:
-        _captured.append((int(level), line))
-        del _captured[:-400]  # keep the tail only
-    if os.environ.get("PYREFUSAL_LLAMA_LOG"):
-        sys.stderr.write(line)
-
 
 def quantize_gguf(
     src: str | os.PathLike[str],
@@ -175,36 +150,24 @@ def quantize_gguf(
     Raises:
         MergeError: llama.cpp refused or failed; the message carries its log lines.
     """
-    global _captured
-    from pyrefusal.runtime.runtime import _init_backend, _silence_llama_logs
-
     ftype = parse_ftype(out_type)
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise MergeError(f"cannot quantize {src}: file not found")
-    _init_backend()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = n_threads or os.cpu_count() or 1
-    params.ftype = ftype
-    params.allow_requantize = allow_requantize
-    patterns: list[bytes] = []  # keeps the C strings alive during the call
-    if keep_types:
-        overrides = (llama_cpp.llama_model_tensor_override * (len(keep_types) + 1))()
-        for i, (name, qtype) in enumerate(keep_types.items()):
-            patterns.append(f"^{re.escape(name)}$".encode())
-            overrides[i].pattern = patterns[-1]
-            overrides[i].type = int(qtype)
-        overrides[len(keep_types)].pattern = None  # terminator
-        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    _captured = []
-    llama_cpp.llama_log_set(_collect_log, ctypes.c_void_p(0))
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        lines = _captured
+        result = capi.quantize(
+            src,
+            tmp,
+            ftype,
+            n_threads=n_threads or os.cpu_count() or 1,
+            allow_requantize=allow_requantize,
+            keep_types={name: int(qtype) for name, qtype in keep_types.items()} if keep_types else None,
+        )
+        rc, lines = result.rc, result.log
         if rc != 0:
-            errors = "".join(t for lvl, t in lines if lvl == _GGML_LOG_ERROR).strip()
+            errors = "".join(t for lvl, t in lines if lvl == capi.GGML_LOG_ERROR).strip()
             tail = errors or "".join(t for _, t in lines[-8:]).strip()
             hint = (
                 " Pass allow_requantize=True (--allow-requantize) to requantize already-quantized tensors."
@@ -216,8 +179,6 @@ def quantize_gguf(
             )
         os.replace(tmp, dst)
     finally:
-        _captured = None
-        _silence_llama_logs()
         tmp.unlink(missing_ok=True)
     return dst
 
@@ -464,7 +425,7 @@ def compare_with_hook(
         base without ablation (``ablation_kl_mean``: the size of the effect the merge must reproduce), and per
         prompt the two completions with their refusal verdicts (substring detector).
     """
-    from pyrefusal.method import intervention as iv
+    from pyrefusal.method.intervention import ablation
     from pyrefusal.method.refusal import SubstringDetector
     from pyrefusal.method.selection import kl_divergence
     from pyrefusal.runtime.runtime import Runtime
@@ -475,12 +436,12 @@ def compare_with_hook(
     with Runtime(base_path, n_threads=n_threads, **opts) as rt:  # type: ignore[arg-type]
         toks = [rt.chat_tokens(p) for p in prompts]
         plain = rt.last_logits(toks)
-        iv.arm(rt, iv.ablation(np.asarray(direction)), path="hook")
+        arm(rt, ablation(np.asarray(direction)), path="hook")
         try:
             hooked = rt.last_logits(toks)
             hook_gen = rt.generate(toks, max_new_tokens)
         finally:
-            iv.disarm(rt)
+            disarm(rt)
     with Runtime(merged_path, hook=False, n_threads=n_threads, **opts) as mt:  # type: ignore[arg-type]
         merged_toks = [mt.chat_tokens(p) for p in prompts]
         if merged_toks != toks:

@@ -4,7 +4,8 @@ pyrefusal's own :class:`~pyrefusal.runtime.runtime.Runtime` is built for experim
 decoding, the eval-callback hook). Apps want the ordinary llama-cpp-python objects instead:
 ``Llama.create_chat_completion`` (streaming, sampling, chat templates) and the OpenAI-compatible
 server. This module puts the intervention into llama.cpp's own graph so that those objects run
-it unchanged, with no hook and no device syncs:
+it unchanged, with no hook and no device syncs; :mod:`pyrefusal.steering.router` decides how (the same
+decider as pyrefusal's Runtime uses, asked without a hook):
 
 * **Ablation** (``intervention="ablation"``): the rank-k LoRA of :mod:`pyrefusal.steering.export`
   (cached per model and direction by :func:`~pyrefusal.steering.export.cached_ablation_lora`), loaded at
@@ -12,7 +13,7 @@ it unchanged, with no hook and no device syncs:
   :func:`~pyrefusal.steering.export.ablation_lora_support` accepts, except when the LM head is tied to
   the token embeddings: the LoRA must then leave the embeddings out, which is *not* the full
   ablation. That is an error unless ``allow_inexact=True`` (recorded in :meth:`Steering.describe`);
-  the exact alternative is pyrefusal's Runtime (``intervention.arm(runtime, ..., path="auto")``
+  the exact alternative is pyrefusal's Runtime (``pyrefusal.steering.arm(runtime, ..., path="auto")``
   ablates the embeddings with its hook).
 * **Addition** (``intervention="addition"``): ``coeff * r`` added to the residual stream
   entering block ``layer`` (pyrefusal's :func:`~pyrefusal.method.intervention.actadd`), i.e. llama.cpp
@@ -32,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import logging
@@ -48,16 +48,11 @@ import llama_cpp  # import llama_cpp before numpy/gguf: required in CUDA process
 import numpy as np
 from typing_extensions import Self
 
-from pyrefusal.errors import PyrefusalError
+from pyrefusal.errors import HookError
 from pyrefusal.method import intervention as iv
-from pyrefusal.steering.export import (
-    ExportError,
-    ablation_lora_support,
-    cached_ablation_lora,
-    cvec_layer,
-    direction_sha256,
-    read_gguf_header,
-)
+from pyrefusal.runtime import capi
+from pyrefusal.steering.export import ExportError, cached_ablation_lora, direction_sha256, read_gguf_header
+from pyrefusal.steering.router import SteeringError, decide
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -85,10 +80,6 @@ _SERVE_HINT = (
 )
 
 InterventionKind = Literal["ablation", "addition"]
-
-
-class SteeringError(PyrefusalError):
-    """A steering request cannot be applied through llama.cpp's in-graph adapters."""
 
 
 # --- what to apply -------------------------------------------------------------------------
@@ -179,6 +170,10 @@ def plan_steering(
 ) -> Steering:
     """Resolve a direction into llama.cpp adapters for ``model_path`` (builds the cached LoRA).
 
+    This validates the inputs (file, width, layer) and builds the files; the choice of adapter and whether it is
+    exact is :func:`pyrefusal.steering.router.decide`'s, asked without a hook (``nodes=None``), as for every
+    other user of an intervention.
+
     Args:
         model_path: the base GGUF.
         direction: ``(n_embd,)`` (or ``(k, n_embd)`` for ablation); None = no steering.
@@ -196,7 +191,7 @@ def plan_steering(
 
     Raises:
         SteeringError: wrong width, an addition without a layer or at block input < 2, or an
-            ablation the LoRA cannot express exactly (see the module docstring).
+            ablation the LoRA cannot express exactly (the router's errors; see the module docstring).
     """
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -235,49 +230,30 @@ def plan_steering(
             raise SteeringError(
                 "an addition needs layer= (the block input to steer; a run records it as direction.layer)"
             )
-        if layer > n_layer - 1:
-            raise SteeringError(f"layer {layer} is outside the model's block inputs 0..{n_layer - 1}")
-        try:
-            n = cvec_layer(layer)
-        except ExportError as e:
-            raise SteeringError(str(e)) from e
-        vec = (float(coeff) * d.astype(np.float64)).astype(np.float32)
-        note = f"control vector direction.{n}: {coeff:+g} * r added to the input of block {layer}, every token"
+        spec = iv.actadd(d, int(layer), float(coeff))
+    else:
+        spec = iv.ablation(d)
+    # The router decides (no hook here: llama-cpp-python's Llama runs in-graph adapters only).
+    route = decide(spec, model_path, n_layer, n_embd, "graph", nodes=None, allow_inexact=allow_inexact)
+    if route.lora_directions is None:
+        assert layer is not None  # an addition (checked above)
         return Steering(
             **base,
             intervention="addition",
             direction=d,
-            control_vector={n: vec},
+            control_vector=dict(route.cvec),  # {direction.(layer-1): coeff * r}
             layer=int(layer),
             coeff=float(coeff),
-            exact=True,
-            note=note,
+            exact=route.exact,
+            note=route.reason,
         )
-
-    support = ablation_lora_support(model_path)
-    if not support.exact:
-        raise SteeringError(
-            f"a LoRA cannot ablate exactly on {model_path.name}: {support.reason}. Use pyrefusal's Runtime with the "
-            "hook (pyrefusal.method.intervention.arm(runtime, ablation(r), path='auto')) for this model."
-        )
-    exact, note = True, "rank-k LoRA on every attn_output/ffn_down write and the token embeddings (scale 1)"
-    if support.tied_embeddings:
-        msg = (
-            f"{model_path.name} ties its LM head to token_embd.weight, so the ablation LoRA must leave the token "
-            "embeddings out: their component along the direction stays, which is not the full ablation"
-        )
-        if not allow_inexact:
-            raise SteeringError(
-                f"{msg}. For the exact ablation use pyrefusal's Runtime, whose hook ablates the embeddings "
-                "(pyrefusal.method.intervention.arm(runtime, ablation(r), path='auto')); or pass allow_inexact=True "
-                "(--allow-inexact) to accept the LoRA without the embeddings."
-            )
-        exact, note = False, msg + " (allow_inexact=True)"
     try:
-        lora = cached_ablation_lora(model_path, d, model_sha256=model_sha256, embeddings="auto", root=adapter_root)
+        lora = cached_ablation_lora(
+            model_path, d, model_sha256=model_sha256, embeddings=route.lora_embeddings, root=adapter_root
+        )
     except ExportError as e:
         raise SteeringError(f"cannot build the ablation LoRA: {e}") from e
-    return Steering(**base, intervention="ablation", direction=d, lora_path=lora, exact=exact, note=note)
+    return Steering(**base, intervention="ablation", direction=d, lora_path=lora, exact=route.exact, note=route.reason)
 
 
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
@@ -372,18 +348,10 @@ def set_control_vector(ctx: Any, vectors: Mapping[int, np.ndarray], n_embd: int,
     Raises:
         SteeringError: a layer outside ``1..n_layer-1`` or llama.cpp rejects the vector.
     """
-    if not vectors:
-        llama_cpp.llama_set_adapter_cvec(ctx, None, 0, n_embd, -1, -1)
-        return
-    if any(not 1 <= n < n_layer for n in vectors):
-        raise SteeringError(f"control-vector layers must be in 1..{n_layer - 1}; got {sorted(vectors)}")
-    data = np.zeros((n_layer - 1, n_embd), dtype=np.float32)  # row N-1 = layer N (llama.cpp starts at 1)
-    for n, v in vectors.items():
-        data[n - 1] += np.asarray(v, dtype=np.float32).reshape(n_embd)
-    ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # llama.cpp copies the data
-    rc = llama_cpp.llama_set_adapter_cvec(ctx, ptr, data.size, n_embd, min(vectors), max(vectors))
-    if rc != 0:
-        raise SteeringError(f"llama_set_adapter_cvec failed with code {rc}; is the model's n_embd {n_embd}?")
+    try:  # the one packer, shared with Runtime.set_control_vector
+        capi.apply_control_vector(ctx, vectors, n_embd, n_layer)
+    except HookError as e:
+        raise SteeringError(str(e)) from e
 
 
 # --- the chat object -----------------------------------------------------------------------
@@ -755,7 +723,7 @@ def build_app(
         load = proxy.load_llama_from_model_settings
 
         def steer(llama: llama_cpp.Llama) -> llama_cpp.Llama:
-            set_control_vector(llama.ctx, vectors, llama.n_embd(), int(llama_cpp.llama_model_n_layer(llama.model)))
+            set_control_vector(llama.ctx, vectors, llama.n_embd(), capi.model_n_layer(llama.model))
             return llama
 
         steer(proxy._current_model)

@@ -44,97 +44,45 @@ from typing import Any
 
 import numpy as np
 
-from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir, paper_sample
+from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.method.refusal import SubstringDetector
-from pyrefusal.method.selection import SelectionRule
+from pyrefusal.method.selection import SelectionError, SelectionRule
+from pyrefusal.reporting.quant_report import write_quant_report
 from pyrefusal.rundir import RunLock, check_config, write_config
+from pyrefusal.settings import DEFAULT_TYPES, QuantSweepConfig
+from pyrefusal.stages.crossapply import transfer_matrix
+from pyrefusal.stages.direction import LanguageDirection, extract_direction
+from pyrefusal.stages.extract import post_instruction_positions
+from pyrefusal.stages.geometry import cosine_by_layer, selected_cosines
+from pyrefusal.stages.layout import DirectionFiles
+from pyrefusal.stages.sample import sample_train_val
+from pyrefusal.stages.tokens import table_refusal_tokens
 from pyrefusal.steering.merge import FLOAT_FTYPES, MergeError, ftype_name, parse_ftype, quantize_gguf
-from pyrefusal.studies import transfer as xl
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 
 __all__ = ["DEFAULT_TYPES", "QuantSweepConfig", "run_quant_sweep", "write_quant_report"]
 
-#: File types swept by default: sized for a 0.5B model on 2 CPU cores.
-DEFAULT_TYPES: tuple[str, ...] = ("q8_0", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
-
-
-@dataclass(frozen=True)
-class QuantSweepConfig:
-    """Everything that determines a quantization sweep (saved as ``config.json``).
-
-    Attributes:
-        model: registry name or GGUF path of the model the variants are made from.
-        types: llama.cpp file types (``q8_0``, ``q5_k_m``, ``f16``, ...); the model's own type uses the model
-            file itself.
-        allow_requantize: permit making variants from an already-quantized model (required then; the
-            report says "requantized from <type>, not from original weights").
-        data_dir: PolyRefuse directory (default :func:`pyrefusal.data.polyrefuse.default_data_dir`).
-        source_lang: language of the train/val/test prompts and of the refusal tokens.
-        n_train / n_val: prompts per kind for extraction / selection (paper sampling, ``seed``).
-        n_test: harmful test prompts answered by every (variant, direction) pair.
-        max_new_tokens: greedy tokens per test answer.
-        seed: sampling seed (paper: 1).
-        positions: post-instruction positions (negative) whose candidates are extracted and selected from;
-            empty = all of them (the paper). Fewer positions make selection proportionally cheaper.
-        kl_threshold / prune_fraction: selection rule (paper: 0.2 / 0.8).
-        filter: filter train/val prompts by refusal score (paper).
-        detector: ``"multilingual"`` or ``"paper"`` substring matching.
-        work_dir: where variant GGUFs and extraction files go (default under the pyrefusal cache).
-        n_ctx / n_seq_max / n_threads: runtime settings (not part of the results).
-    """
-
-    model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"
-    types: tuple[str, ...] = DEFAULT_TYPES
-    allow_requantize: bool = False
-    data_dir: str | None = None
-    source_lang: str = "en"
-    n_train: int = 16
-    n_val: int = 6
-    n_test: int = 12
-    max_new_tokens: int = 24
-    seed: int = 1
-    positions: tuple[int, ...] = ()
-    kl_threshold: float = 0.2
-    prune_fraction: float = 0.8
-    filter: bool = True
-    detector: str = "multilingual"
-    work_dir: str | None = None
-    n_ctx: int = 4096
-    n_seq_max: int = 16
-    n_threads: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["types"], d["positions"] = list(self.types), list(self.positions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QuantSweepConfig:
-        d = dict(d)
-        for k in ("types", "positions"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def rule(self) -> SelectionRule:
-        return SelectionRule(self.prune_fraction, self.kl_threshold, False)
-
-
-# Settings that do not change stored results: a resumed sweep may differ in these.
-_RESUMABLE_KEYS = {"types", "work_dir", "n_ctx", "n_seq_max", "n_threads", "allow_requantize"}
-
 
 def _settings_key(config: QuantSweepConfig) -> str:
     """Short hash of the settings that determine an extraction (names its directory in the work dir)."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_KEYS}
+    d = {k: v for k, v in config.to_dict().items() if k not in config.resumable_keys()}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _check_config(out: Path, config: QuantSweepConfig, force: bool) -> None:
-    new = check_config(out, config.to_dict(), what="sweep", force=force, resumable=_RESUMABLE_KEYS)
+    # resumable: declared by the fields of pyrefusal.settings.QuantSweepSettings. As before, no defaults: a key
+    # missing from an older sweep's config.json counts as a changed setting.
+    new = check_config(
+        out,
+        config.to_dict(),
+        what="sweep",
+        force=force,
+        resumable=config.resumable_keys(),
+        options=config.option_names(),
+    )
     if force:
         for sub in ("variants", "completions"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -223,54 +171,54 @@ def _make_variant(
 
 def _extract(
     variant: Variant, data: PolyRefuse, config: QuantSweepConfig, work: Path, log: Log, progress: Progress | None
-) -> xl.LanguageDirection | None:
+) -> LanguageDirection | None:
     """Extract and select the variant's direction (reusing ``work/<TYPE>/`` files); None if nothing passes."""
-    from pyrefusal.method.selection import SelectionError
     from pyrefusal.runtime.runtime import Runtime
 
-    d = work / variant.type
-    d.mkdir(parents=True, exist_ok=True)
-    say = lambda m: log(f"{variant.type}: {m}")  # noqa: E731
+    files = DirectionFiles.language(work / variant.type, activations=False, direction=False)
+    files.root.mkdir(parents=True, exist_ok=True)
     with Runtime(
         variant.path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads, hook=True
     ) as rt:
-        ex = xl._Extractor(rt, None, say)
+        every = post_instruction_positions(rt, None)
+        positions = None
         if config.positions:
-            bad = [p for p in config.positions if p not in ex.positions]
+            bad = [p for p in config.positions if p not in every]
             if bad:
                 raise PyrefusalError(
-                    f"positions {bad} are not post-instruction positions of this chat template {ex.positions}; "
+                    f"positions {bad} are not post-instruction positions of this chat template {every}; "
                     "pass negative offsets within them, e.g. -1"
                 )
-            ex.positions = tuple(sorted(config.positions))
-        tokens = xl.table_refusal_tokens(rt.tokenize, rt.detokenize, config.source_lang, family=rt.family)
-        tokens.save(d / "refusal_tokens.json")
-        tv = paper_sample(data, config.source_lang, n_train=config.n_train, n_val=config.n_val, seed=config.seed)
-        prog = (lambda s, i, n: progress(f"{variant.type}: {s}", i, n)) if progress else None
-        t = time.perf_counter()
-        cands, record, _ = ex.candidates(config.source_lang, d, tv, tokens.ids, config.filter, False)
-        variant.seconds["candidates"] = time.perf_counter() - t
-        t = time.perf_counter()
+            positions = tuple(sorted(config.positions))
+        tokens = table_refusal_tokens(rt.tokenize, rt.detokenize, config.source_lang, family=rt.family)
+        assert files.refusal_tokens is not None
+        tokens.save(files.refusal_tokens)
+        tv = sample_train_val(data, config.source_lang, n_train=config.n_train, n_val=config.n_val, seed=config.seed)
         try:
-            selection = ex.selection(
-                config.source_lang, d, tv, tokens.ids, cands, record, config.filter, config.rule(), prog
+            return extract_direction(
+                rt,
+                config.source_lang,
+                tv,
+                tokens,
+                files,
+                system=None,
+                filter=config.filter,
+                rule=SelectionRule(config.prune_fraction, config.kl_threshold, False),
+                positions=positions,
+                progress=(lambda s, i, n: progress(f"{variant.type}: {s}", i, n)) if progress else None,
+                log=log,
+                label=variant.type,
+                seconds=variant.seconds,
             )
         except SelectionError as e:
             variant.status, variant.error = "no direction", str(e)
-            say(f"no direction: {e}")
+            log(f"{variant.type}: no direction: {e}")
             return None
-        variant.seconds["selection"] = time.perf_counter() - t
-    ld = xl.LanguageDirection(variant.type, cands, selection, tokens, record)
-    say(
-        f"selected position {selection.position}, layer {selection.layer}: refusal score "
-        f"{selection.baseline_refusal_score:.3f} -> {selection.refusal_score:.3f}, KL {selection.kl:.4f}"
-    )
-    return ld
 
 
-def _load_direction(work: Path, name: str) -> xl.LanguageDirection | None:
+def _load_direction(work: Path, name: str) -> LanguageDirection | None:
     d = work / name
-    return xl.LanguageDirection.load(d, name) if (d / "selection.json").exists() else None
+    return LanguageDirection.load(d, name) if (d / "selection.json").exists() else None
 
 
 # --- the sweep ------------------------------------------------------------------------------
@@ -341,7 +289,7 @@ def run_quant_sweep(
 
         # -- 1. variants and their directions (each saved as soon as it finishes) -------------------
         variants: dict[str, Variant] = {}
-        directions: dict[str, xl.LanguageDirection] = {}
+        directions: dict[str, LanguageDirection] = {}
         for name in names:
             vpath = out / "variants" / f"{name}.json"
             if vpath.exists():
@@ -376,7 +324,7 @@ def run_quant_sweep(
             with Runtime(
                 variants[name].path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads
             ) as rt:
-                res = xl.transfer_matrix(
+                res = transfer_matrix(
                     rt,
                     directions,
                     data,
@@ -419,7 +367,7 @@ def _results(
     base: Path,
     base_ftype: int | None,
     variants: Mapping[str, Variant],
-    directions: Mapping[str, xl.LanguageDirection],
+    directions: Mapping[str, LanguageDirection],
     cross: Mapping[str, Any],
     work: Path,
 ) -> dict[str, Any]:
@@ -429,9 +377,9 @@ def _results(
     ref = base_name if base_name in directions else next(iter(directions), None)
     geometry: dict[str, Any] = {"reference": ref}
     if ref is not None:
-        dnames, pos, by_layer = xl.cosine_by_layer(directions, directions[ref].selection.position)
+        dnames, pos, by_layer = cosine_by_layer(directions, directions[ref].selection.position)
         layer = directions[ref].selection.layer
-        _, sel = xl.selected_cosines(directions)
+        _, sel = selected_cosines(directions)
         geometry.update(
             names=dnames,
             position=pos,
@@ -468,146 +416,3 @@ def _results(
         "work_dir": str(work),
         "config": config.to_dict(),
     }
-
-
-# --- report -----------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
-def _num(x: float | None, fmt: str = ".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
-
-
-def _plot(results: Mapping[str, Any], path: Path) -> Path:
-    """Cross-application heatmap (refusal %) beside the refusal rates per variant."""
-    from matplotlib.figure import Figure
-
-    from pyrefusal.reporting import plots
-
-    ref = results["refusal"]
-    matrix = ref["matrix"]
-    models = list(next(iter(matrix.values())).keys()) if matrix else []
-    rows = list(matrix)
-    m = np.array([[np.nan if matrix[r][c] is None else 100 * matrix[r][c] for c in models] for r in rows])
-    fig = Figure(figsize=(1.6 + 1.0 * len(models), 1.3 + 0.55 * len(rows)))
-    plots._annotated_heatmap(
-        fig,
-        m,
-        ["baseline" if r == "baseline" else f"r({r})" for r in rows],
-        models,
-        fmt=".0f",
-        vmin=0,
-        vmax=100,
-        cmap="Reds",
-        xlabel="model variant (answers the prompts)",
-        ylabel="direction ablated (extracted in)",
-        title=f"refusal % on {ref['n_test']} harmful {ref['language']} prompts ({ref['detector']})",
-    )
-    return plots._save(fig, path)
-
-
-def write_quant_report(results: Mapping[str, Any], out: Path) -> Path:
-    """Write ``report.md``, ``quant_sweep.png`` and ``cosine_by_layer.png`` from a ``quant_sweep.json`` dict.
-
-    Returns:
-        Path of ``report.md``.
-    """
-    from pyrefusal.reporting import plots
-
-    out = Path(out)
-    ref = results["refusal"]
-    geo = results["geometry"]
-    variants = results["variants"]
-    base = results["model"]["file_type"]
-    matrix = ref["matrix"]
-    note = results["note"][0].upper() + results["note"][1:]
-    lines = [
-        f"# Quantization sweep: {Path(results['model']['path']).name}",
-        "",
-        f"Base file type {base}. {note}. Refusal = substring detector `{ref['detector']}` on "
-        f"{ref['n_test']} harmful {ref['language']} test prompts, {ref['max_new_tokens']} greedy tokens; directions "
-        f"from n_train {results['config']['n_train']}, n_val {results['config']['n_val']} (paper sampling, "
-        f"seed {results['config']['seed']}), selection KL <= {results['config']['kl_threshold']}"
-        + (f", positions {results['config']['positions']}" if results["config"]["positions"] else "")
-        + ".",
-        "",
-        "## Variants",
-        "",
-        (
-            "| type | made from | MiB | bits/weight | selected (pos, layer) | KL | refusal score base -> ablated "
-            f"| refusal baseline | own direction ablated | {base} direction ablated |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, v in variants.items():
-        s = v.get("selection")
-        if v["status"] == "failed":
-            lines.append(f"| {name} | failed: {v['error']} | | | | | | | | |")
-            continue
-        sel = f"({s['position']}, {s['layer']})" if s else "none"
-        score = f"{_num(s['baseline_refusal_score'], '.2f')} -> {_num(s['refusal_score'], '.2f')}" if s else "-"
-        lines.append(
-            f"| {name} | {v['source']} | {v['size_bytes'] / 2**20:.0f} | {v['bits_per_weight']:.2f} | {sel} | "
-            f"{_num(s['kl'] if s else None)} | {score} | {_pct(matrix['baseline'].get(name))} | "
-            f"{_pct(matrix.get(name, {}).get(name))} | {_pct(matrix.get(base, {}).get(name))} |"
-        )
-    models = [n for n in variants if n in matrix.get("baseline", {})]
-    lines += [
-        "",
-        "## Cross-application: refusal rate (rows: direction ablated; columns: variant answering)",
-        "",
-        "| direction \\ variant | " + " | ".join(models) + " |",
-        "|---|" + "---|" * len(models),
-    ]
-    for row, cells in matrix.items():
-        label = "none (baseline)" if row == "baseline" else f"r({row})"
-        lines.append(f"| {label} | " + " | ".join(_pct(cells.get(m)) for m in models) + " |")
-    if geo.get("names"):
-        dn = geo["names"]
-        lines += [
-            "",
-            (
-                f"## Cosine of the directions at the {geo['reference']} selection (position {geo['position']}, "
-                f"layer {geo['layer']})"
-            ),
-            "",
-            *xl._matrix_table(dn, geo["cosine_at_reference"]),
-            "",
-            "## Cosine of the selected directions (each at its own position and layer)",
-            "",
-            *xl._matrix_table(dn, geo["cosine_selected"]),
-        ]
-        plots.plot_cosine_by_layer(
-            dn,
-            np.array(geo["cosine_by_layer"], dtype=np.float64),
-            out / "cosine_by_layer.png",
-            position=geo["position"],
-            reference=geo["reference"],
-        )
-    _plot(results, out / "quant_sweep.png")
-    lines += [
-        "",
-        "![cross-application](quant_sweep.png)",
-        "",
-        "![cosine by layer](cosine_by_layer.png)" if geo.get("names") else "",
-        "",
-        "## Files",
-        "",
-        "| type | storage types (tensor count) | seconds |",
-        "|---|---|---|",
-    ]
-    for name, v in variants.items():
-        kinds = ", ".join(f"{k} {n}" for k, n in v["tensor_types"].items())
-        secs = ", ".join(f"{k} {t:.0f}" for k, t in v["seconds"].items())
-        lines.append(f"| {name} | {kinds} | {secs} |")
-    lines += [
-        "",
-        f"Total wall time {results.get('seconds_total', 0):.0f} s. Variant files: `{results['work_dir']}`.",
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
