@@ -37,6 +37,30 @@ def _private_imports(path: Path) -> list[str]:
     return bad
 
 
+def _private_attributes(path: Path) -> list[str]:
+    """``module._name`` where ``module`` is a pyrefusal module imported by ``path`` (``from pyrefusal.x import y``
+    or ``import pyrefusal.x as y``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pyrefusal":
+            for alias in node.names:
+                target = PACKAGE.parent.joinpath(*node.module.split("."), alias.name)
+                if target.with_suffix(".py").exists() or (target / "__init__.py").exists():
+                    modules.add(alias.asname or alias.name)
+        if isinstance(node, ast.Import):
+            modules |= {a.asname for a in node.names if a.name.startswith("pyrefusal.") and a.asname}
+    return [
+        f"{_where(path)}:{node.lineno} uses {node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in modules
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ]
+
+
 def _c_api_uses(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     uses = []
@@ -58,7 +82,7 @@ def _c_api_uses(path: Path) -> list[str]:
 
 
 def test_no_module_imports_a_private_name() -> None:
-    bad = [line for path in _modules() for line in _private_imports(path)]
+    bad = [line for path in _modules() for line in (*_private_imports(path), *_private_attributes(path))]
     assert not bad, "make these names public (and documented) or move them:\n" + "\n".join(bad)
 
 
@@ -91,3 +115,5 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     fake.write_text("import llama_cpp\nfrom pyrefusal.rundir import _alive\nllama_cpp.llama_decode(None, None)\n")
     assert _private_imports(fake) == ["x.py:2 imports pyrefusal.rundir._alive"]
     assert _c_api_uses(fake) == ["x.py:3 llama_cpp.llama_decode"]
+    fake.write_text("from pyrefusal.steering import export as ex\nex._private_helper()\nex.public()\n")
+    assert _private_attributes(fake) == ["x.py:2 uses ex._private_helper"]
