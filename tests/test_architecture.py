@@ -117,3 +117,19 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     assert _c_api_uses(fake) == ["x.py:3 llama_cpp.llama_decode"]
     fake.write_text("from pyrefusal.steering import export as ex\nex._private_helper()\nex.public()\n")
     assert _private_attributes(fake) == ["x.py:2 uses ex._private_helper"]
+
+
+def test_the_public_api_resolves_lazily() -> None:
+    """Every name of ``pyrefusal.__all__`` loads, and importing the package alone loads no llama.cpp."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyrefusal as pr\n"
+        "assert 'llama_cpp' not in sys.modules and 'numpy' not in sys.modules\n"
+        "missing = [n for n in pr.__all__ if getattr(pr, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert pr.run.__name__ == 'run_pipeline' and pr.RunSettings.preset('paper').n_test == 572\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
