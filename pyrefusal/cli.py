@@ -12,17 +12,23 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
 import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
 
 import click
 
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.results import RunResults
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pyrefusal.data.registry import ResolvedModel
 from pyrefusal.settings import QuantSweepSettings, RunSettings, Settings, TransferSettings
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
     click.secho(f"error: {e}", fg="red", err=True)
     sys.exit(2)
 
@@ -42,6 +48,17 @@ def _progress_bars() -> Any:
             bar.close()
 
     return progress
+
+
+def _study(study: Callable[..., Any], config: Settings, out: Path, **kwargs: Any) -> Any:
+    """Run a study with the CLI's log and progress bars, print its ``report.md``; exit 2 with the message on a
+    :class:`PyrefusalError`."""
+    try:
+        result = study(config, out, log=lambda s: click.echo(s, err=True), progress=_progress_bars(), **kwargs)
+    except PyrefusalError as e:
+        _fail(e)
+    click.echo(Path(out, "report.md").read_text(encoding="utf-8"))
+    return result
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -138,7 +155,7 @@ def main() -> None:
 def doctor() -> None:
     """Print versions, the llama.cpp build, GPU offload and whether our CUDA kernel is compiled."""
     from pyrefusal import __version__
-    from pyrefusal.runtime.runtime import build_info
+    from pyrefusal.runtime import build_info
 
     info = build_info()
     click.echo(f"pyrefusal            {__version__}")
@@ -176,16 +193,8 @@ def run(ctx: click.Context, **kw: Any) -> None:
     from pyrefusal.studies.run import run_pipeline
 
     config = settings_from_options(RunSettings, kw, ctx, preset=kw["preset"])
-    try:
-        results = run_pipeline(
-            config, kw["out"], force=kw["force"], log=lambda s: click.echo(s, err=True), progress=_progress_bars()
-        )
-    except PyrefusalError as e:
-        _fail(e)
-        return
-    click.echo(Path(kw["out"], "report.md").read_text(encoding="utf-8"))
-    rates = {lang: {c: v["refusal_rate"] for c, v in conds.items()} for lang, conds in results["evaluation"].items()}
-    click.echo(json.dumps({"harmful_refusal_rate": rates}, indent=1))
+    results = _study(run_pipeline, config, kw["out"], force=kw["force"])
+    click.echo(json.dumps({"harmful_refusal_rate": RunResults(results).refusal_rates()}, indent=1))
 
 
 @main.command()
@@ -221,19 +230,7 @@ def transfer(ctx: click.Context, **kw: Any) -> None:
     from pyrefusal.studies.transfer import run_transfer
 
     config = settings_from_options(TransferSettings, kw, ctx)
-    try:
-        run_transfer(
-            config,
-            kw["out"],
-            log=lambda s: click.echo(s, err=True),
-            progress=_progress_bars(),
-            force=kw["force"],
-            plots=not kw["no_plots"],
-        )
-    except PyrefusalError as e:
-        _fail(e)
-        return
-    click.echo((Path(kw["out"]) / "report.md").read_text(encoding="utf-8"))
+    _study(run_transfer, config, kw["out"], force=kw["force"], plots=not kw["no_plots"])
 
 
 @main.command("quant-sweep")
@@ -248,14 +245,7 @@ def quant_sweep(ctx: click.Context, **kw: Any) -> None:
     from pyrefusal.studies.quantsweep import run_quant_sweep
 
     config = settings_from_options(QuantSweepSettings, kw, ctx)
-    try:
-        run_quant_sweep(
-            config, kw["out"], log=lambda s: click.echo(s, err=True), progress=_progress_bars(), force=kw["force"]
-        )
-    except PyrefusalError as e:
-        _fail(e)
-        return
-    click.echo((Path(kw["out"]) / "report.md").read_text(encoding="utf-8"))
+    _study(run_quant_sweep, config, kw["out"], force=kw["force"])
 
 
 @main.group()
@@ -292,7 +282,7 @@ def export() -> None:
     """Steered models any llama.cpp app can load, from a finished run directory."""
 
 
-def _run_artifacts(run_dir: Path, model: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def _run_artifacts(run_dir: Path, model: str | None) -> tuple[ResolvedModel, np.ndarray, RunResults]:
     """(resolved model, direction (n_embd,) float32, results) of a finished `pyrefusal run`."""
     import numpy as np
 
@@ -301,25 +291,27 @@ def _run_artifacts(run_dir: Path, model: str | None) -> tuple[Any, Any, dict[str
     results_path, direction_path = run_dir / "results.json", run_dir / "direction.npy"
     if not results_path.exists() or not direction_path.exists():
         raise PyrefusalError(f"{run_dir} has no results.json/direction.npy; run `pyrefusal run --out {run_dir}` first")
-    results = json.loads(results_path.read_text())
-    resolved = resolve_model(model or results["model"]["path"])
-    if resolved.sha256 != results["model"]["sha256"]:
+    results = RunResults.load(results_path)  # names the file and the fix when it is not a run's results
+    expected = results.model.sha256 or ""
+    resolved = resolve_model(model or results.model.path)
+    if resolved.sha256 != expected:
         raise PyrefusalError(
             f"{resolved.path} (sha256 {resolved.sha256[:12]}) is not the model of {run_dir} "
-            f"({results['model']['sha256'][:12]}); pass --model with the run's model"
+            f"({expected[:12]}); pass --model with the run's model"
         )
     return resolved, np.load(direction_path), results
 
 
-def _provenance(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    d = results["direction"]
+def _provenance(results: RunResults, run_dir: Path) -> dict[str, Any]:
+    """What an exported file records about the run it came from."""
+    d, m = results.direction, results.model
     return {
-        "source_language": d["source_lang"],
-        "layer": d["layer"],
-        "position": d["position"],
-        "kl": d["kl"],
-        "base_sha256": results["model"]["sha256"],
-        "base_name": results["model"]["name"],
+        "source_language": d.source_lang,
+        "layer": d.layer,
+        "position": d.position,
+        "kl": d.kl,
+        "base_sha256": m.sha256,
+        "base_name": m.name,
         "run_dir": str(run_dir),
     }
 
@@ -342,16 +334,16 @@ def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | N
 
     try:
         resolved, r, results = _run_artifacts(run_dir, model)
-        block = results["direction"]["layer"] if layer is None else layer
+        block = results.direction.layer if layer is None else layer
         il = cvec_layer(block)
         out = output or run_dir / f"refusal-cvec-L{block}-{coeff:+g}.gguf"
         prov = {**_provenance(results, run_dir), "coefficient": coeff, "block_input": block}
         export_control_vector(
             out,
             {il: coeff * r},
-            model_hint=results["model"]["name"],
+            model_hint=results.model.name,
             provenance=prov,
-            n_layer=results["model"]["n_layer"],
+            n_layer=results.model.n_layer,
         )
     except PyrefusalError as e:
         _fail(e)
@@ -608,7 +600,7 @@ def data_build(
     """Create LANG's missing files (e.g. zh harmless_test, or a new language) by translating the English ones."""
     from pyrefusal.data.build import REQUEST_PROMPT_TEMPLATE, LlamaTranslator, build_language
     from pyrefusal.data.polyrefuse import default_data_dir
-    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.runtime import Runtime
 
     try:
         with Runtime.open(translator_model, name=None, n_seq_max=n_seq) as rt:

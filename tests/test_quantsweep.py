@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.stages.variants import make_variant
 from pyrefusal.steering import merge
 from pyrefusal.studies import quantsweep
 from tests.tiny_model import TinySpec, write_tiny_gguf
@@ -110,11 +111,9 @@ def test_requantizing_a_quantized_model_needs_the_flag_and_is_labelled(
     with pytest.raises(PyrefusalError, match="allow_requantize"):
         quantsweep.run_quant_sweep(config, tmp_path / "out", log=lambda _m: None)
     allowed = _config(q8, polyrefuse_dir, tmp_path / "work", allow_requantize=True)
-    v = quantsweep._make_variant(q8, merge.FTYPES["q8_0"], "q4_0", tmp_path / "work", allowed, lambda _m: None)
+    v = make_variant(q8, merge.FTYPES["q8_0"], "q4_0", tmp_path / "work", allowed, lambda _m: None)
     assert v.status == "ok" and v.source == "requantized from Q8_0, not from original weights"
-    assert quantsweep._make_variant(q8, merge.FTYPES["q8_0"], "q8_0", tmp_path, allowed, print).source.startswith(
-        "base file"
-    )
+    assert make_variant(q8, merge.FTYPES["q8_0"], "q8_0", tmp_path, allowed, print).source.startswith("base file")
 
 
 def test_a_type_llama_cpp_cannot_make_is_skipped_with_the_reason(
@@ -124,8 +123,16 @@ def test_a_type_llama_cpp_cannot_make_is_skipped_with_the_reason(
     wide = tmp_path / "wide.gguf"
     write_tiny_gguf(wide, TinySpec(n_layer=1, n_embd=256, n_ff=512))
     config = _config(wide, polyrefuse_dir, tmp_path / "work")
-    v = quantsweep._make_variant(wide, 0, "iq2_xxs", tmp_path / "work", config, lambda _m: None)
+    v = make_variant(wide, 0, "iq2_xxs", tmp_path / "work", config, lambda _m: None)
     assert v.status == "failed" and "importance matrix" in (v.error or ""), v.error
     assert not (tmp_path / "work" / "IQ2_XXS.gguf").exists()
     with pytest.raises(PyrefusalError, match="choose one of"):
         quantsweep.run_quant_sweep(_config(tiny_model[0], polyrefuse_dir, tmp_path, types=("q9_k",)), tmp_path / "o")
+
+
+def test_settings_are_checked_before_any_work(tmp_path: Path) -> None:
+    # an unknown detector fails first: the model is not resolved and nothing is written
+    config = _config(tmp_path / "absent.gguf", tmp_path / "no-data", tmp_path / "work", detector="nope")
+    with pytest.raises(PyrefusalError, match=r"unknown detector 'nope' \(--detector\)"):
+        quantsweep.run_quant_sweep(config, tmp_path / "out", log=lambda _m: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

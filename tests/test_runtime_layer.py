@@ -63,3 +63,24 @@ def test_family_table():
     assert families.PAPER_REFUSAL_OPENINGS["qwen2"]["ja"] == ("申し訳", "私は")
     assert "ru" not in families.PAPER_REFUSAL_OPENINGS["gemma2"]
     assert PlanEntry() == PlanEntry(ablate=False, add_index=-1, capture_layer=-1)
+
+
+def test_runtime_facade_delegates_to_its_parts(tiny_model):
+    from pyrefusal import settings
+    from pyrefusal.runtime import PromptFormat, Timings
+
+    assert PromptFormat is settings.PromptFormat  # one definition, in the foundation layer
+    path, _ = tiny_model
+    with Runtime(path, n_ctx=256, n_batch=64, n_seq_max=2, hook=False) as rt:
+        with pytest.raises(HookError, match="hook=True"):
+            rt.graph_node_names()
+        with pytest.raises(HookError, match="hook=True"):
+            rt.capture([rt.tokenize("hello")], [-1])
+        rt.clear_plan()  # no hook, nothing armed: nothing to do
+        rt.last_logits([rt.tokenize("hello")])
+        assert rt.timings.decodes == 1 and rt.timings.prompt_tokens == len(rt.tokenize("hello"))
+        rt.timings = Timings()  # the decoder counts into the runtime's (new) timings
+        rt.last_logits([rt.tokenize("hello")])
+        assert rt.timings.decodes == 1
+        rt.share_prefix = False
+        assert rt.share_prefix is False

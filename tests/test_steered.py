@@ -144,6 +144,7 @@ def _fake_run(run_dir: Path, model: Path, direction: np.ndarray, *, sha256: str 
     results = {
         "model": {"path": str(model), "sha256": sha256, "name": "tiny"},
         "direction": {"layer": LAYER, "position": -1, "source_lang": "en"},
+        "config": {},
     }
     (run_dir / "results.json").write_text(json.dumps(results))
     np.save(run_dir / "direction.npy", direction)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pyrefusal.errors import HookError
+from pyrefusal.method.directions import random_like
 
 
 def orthonormalize(directions: np.ndarray) -> np.ndarray:
@@ -130,3 +131,18 @@ def harm_ablation(direction: np.ndarray, layer: int, coeff: float = 1.0) -> Inte
         ablate=np.asarray(direction),
         additions=(Addition(np.asarray(direction), layer, coeff, within_block=True),),
     )
+
+
+def paper_conditions(direction: np.ndarray, layer: int, *, seed: int) -> dict[str, Intervention]:
+    """The intervention of every condition ``pyrefusal run`` knows, from the selected direction ``(n_embd,)``
+    and its layer: ``baseline``, ``ablation``, ``actadd`` (``-r`` at ``layer``), ``induce`` (``+r`` there),
+    ``harm_ablation`` (the paper's, docs/method.md §5.3) and ``random_ablation`` (a random direction of the
+    same norm, seeded: the control)."""
+    return {
+        "baseline": baseline(),
+        "ablation": ablation(direction),
+        "actadd": actadd(direction, layer, coeff=-1.0),
+        "induce": induce(direction, layer, coeff=1.0),
+        "harm_ablation": harm_ablation(direction, layer),
+        "random_ablation": Intervention("random_ablation", ablate=random_like(direction, seed=seed)),
+    }

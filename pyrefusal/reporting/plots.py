@@ -5,7 +5,7 @@ it to ``path`` (parent directories are created) and returns ``path``. Figures ar
 object API (:class:`matplotlib.figure.Figure`), so no pyplot state is created or leaked.
 
 Inputs are pyrefusal values (:class:`~pyrefusal.method.selection.Selection`,
-:class:`~pyrefusal.studies.transfer.TransferResult`, :class:`~pyrefusal.studies.transfer.PCAResult`) or
+:class:`~pyrefusal.stages.crossapply.TransferResult`, :class:`~pyrefusal.stages.geometry.PCAResult`) or
 plain arrays/dicts, so the functions also work on results loaded from JSON.
 """
 
@@ -25,6 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from pyrefusal.method.selection import Selection
+from pyrefusal.stages.crossapply import TransferResult
+from pyrefusal.stages.direction import LanguageDirection
+from pyrefusal.stages.geometry import DirectionGeometry, PCAResult
 
 __all__ = [
     "plot_cosine_by_layer",
@@ -33,6 +36,7 @@ __all__ = [
     "plot_projections",
     "plot_run_refusal",
     "plot_selection_heatmaps",
+    "plot_transfer_figures",
     "plot_transfer_matrix",
     "selection_grids",
 ]
@@ -140,11 +144,11 @@ def _annotated_heatmap(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
 
-def plot_transfer_matrix(result: Any, path: Path) -> Path:
+def plot_transfer_matrix(result: TransferResult | Mapping[str, Any], path: Path) -> Path:
     """Refusal rate heatmap: baseline row, then one row per source direction; columns = targets.
 
     Args:
-        result: a :class:`~pyrefusal.studies.transfer.TransferResult` or its ``to_dict()``.
+        result: a :class:`~pyrefusal.stages.crossapply.TransferResult` or its ``to_dict()``.
         path: PNG to write.
     """
     d = result if isinstance(result, Mapping) else result.to_dict()
@@ -234,7 +238,7 @@ def plot_cosine_by_layer(
 
     Args:
         names: languages of ``cos``'s axes.
-        cos: ``(n, n, n_layers)`` from :func:`pyrefusal.studies.transfer.cosine_by_layer`.
+        cos: ``(n, n, n_layers)`` from :func:`pyrefusal.stages.geometry.cosine_by_layer`.
         path: PNG to write.
         position: the eoi position compared (for the title).
         reference: draw only pairs involving this language (default: every pair).
@@ -260,11 +264,11 @@ def plot_cosine_by_layer(
     return _save(fig, path)
 
 
-def plot_pca(pca: Any, path: Path) -> Path:
+def plot_pca(pca: PCAResult, path: Path) -> Path:
     """Scatter of a 2-D PCA: colour = language, marker = harmful (x) / harmless (o).
 
     Args:
-        pca: a :class:`~pyrefusal.studies.transfer.PCAResult`.
+        pca: a :class:`~pyrefusal.stages.geometry.PCAResult`.
         path: PNG to write.
     """
     fig = Figure(figsize=(6.0, 4.8))
@@ -299,7 +303,7 @@ def plot_projections(
     """Bars of the mean projection (± std) on a reference direction, harmful vs harmless per language.
 
     Args:
-        projection: ``{lang: {kind: {"mean", "std", "n"}}}`` from :func:`pyrefusal.studies.transfer.projection_on`.
+        projection: ``{lang: {kind: {"mean", "std", "n"}}}`` from :func:`pyrefusal.stages.geometry.projection_on`.
         path: PNG to write.
         reference: language of the direction (for labels).
     """
@@ -319,6 +323,38 @@ def plot_projections(
     ax.set_title(f"projection of train activations on the {reference} direction", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_transfer_figures(
+    out: Path,
+    directions: Mapping[str, LanguageDirection],
+    transfer: TransferResult,
+    geometry: DirectionGeometry,
+) -> dict[str, str]:
+    """Every figure of a transfer run in ``out``: the transfer matrix, each source's selection heatmaps, the cosine
+    of the selected directions, the cosine by layer, and (when activations were kept) the PCA and projections.
+
+    Returns:
+        ``{figure key: file name}`` as recorded in ``transfer.json["figures"]``.
+    """
+    figs: dict[str, str] = {}
+    figs["transfer"] = plot_transfer_matrix(transfer, out / "transfer_matrix.png").name
+    for s, ld in directions.items():
+        p = plot_selection_heatmaps(ld.selection, out / f"selection_{s}.png", title=f"source {s}")
+        figs[f"selection_{s}"] = p.name
+    figs["cosine"] = plot_cosine_matrix(
+        geometry.names, geometry.selected, out / "cosine_selected.png", title="cosine of selected directions"
+    ).name
+    figs["cosine_by_layer"] = plot_cosine_by_layer(
+        geometry.names, geometry.by_layer, out / "cosine_by_layer.png", position=geometry.position
+    ).name
+    if geometry.pca is not None:
+        figs["pca"] = plot_pca(geometry.pca, out / "pca.png").name
+    if geometry.projection is not None:
+        figs["projection"] = plot_projections(
+            geometry.projection, out / "projection.png", reference=geometry.reference
+        ).name
+    return figs
 
 
 def plot_quant_sweep(results: Mapping[str, Any], path: Path) -> Path:

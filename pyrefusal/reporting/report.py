@@ -1,13 +1,17 @@
-"""Markdown report of a run (results.json + completions), for people to read."""
+"""Markdown report of a run (results.json + completions), for people to read, and the run's rendered outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pyrefusal.method.selection import Selection
 from pyrefusal.reporting.fmt import pct
+from pyrefusal.results import Evaluation, RunResults
+from pyrefusal.settings import RunSettings
 from pyrefusal.stages.generate import DEGENERATE_REPETITION, Completion, is_degenerate, wilson_interval
+from pyrefusal.stages.layout import RunPaths
 
 
 def _pct(x: float | None) -> str:
@@ -15,32 +19,53 @@ def _pct(x: float | None) -> str:
     return pct(x, nan_as_dash=False)
 
 
-def write_report(results: dict[str, Any], completions: Sequence[Completion], path: Path) -> None:
+def write_run_outputs(
+    results: RunResults,
+    selection: Selection,
+    completions: Sequence[Completion],
+    paths: RunPaths,
+    log: Callable[[str], None],
+) -> None:
+    """Figures (``selection.png``, ``refusal.png``), ``results.json`` and ``report.md`` of a run.
+
+    Records the figures' names in ``results`` before writing it (``direction.heatmap``, ``figure``).
+    """
+    from pyrefusal.reporting.plots import plot_run_refusal, plot_selection_heatmaps
+
+    name = results.model.name
+    heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{name}: candidates")
+    results.set_heatmap(heatmap.name)
+    if results.evaluation:
+        figure = plot_run_refusal(results.evaluation, results.conditions, paths.root / "refusal.png", title=name)
+        results.set_figure(figure.name)
+    results.save(paths.results)
+    write_report(results, completions, paths.report)
+    log(f"wrote {paths.results} and {paths.report}")
+
+
+def write_report(results: RunResults, completions: Sequence[Completion], path: Path) -> None:
     """Write ``report.md``: model, chosen direction, refusal rates per language and condition, examples."""
-    m, d, ev = results["model"], results["direction"], results["evaluation"]
-    conds = list(results["config"]["conditions"])
+    m, d, ev = results.model, results.direction, results.evaluation
+    conds = results.conditions
     lines = [
-        f"# pyrefusal run: {m['name']}",
+        f"# pyrefusal run: {m.name}",
         "",
+        (f"- model: `{Path(m.path).name}` ({m.arch}, {m.n_layer} layers, n_embd {m.n_embd}, {m.file_type})"),
+        f"- sha256: `{m.sha256}`",
         (
-            f"- model: `{Path(m['path']).name}` ({m['arch']}, {m['n_layer']} layers, n_embd {m['n_embd']}, "
-            f"{m['file_type']})"
-        ),
-        f"- sha256: `{m['sha256']}`",
-        (
-            f"- direction: source language **{d['source_lang']}**, eoi position **{d['position']}**, "
-            f"layer **{d['layer']}** (block input), norm {d['norm']:.3f}"
+            f"- direction: source language **{d.source_lang}**, eoi position **{d.position}**, "
+            f"layer **{d.layer}** (block input), norm {d.norm:.3f}"
         ),
         (
-            f"- selection ({d['selection_mode']}, KL <= {d['rule']['kl_threshold']}, layers < "
-            f"{d['rule']['prune_fraction']}·L): refusal score {d['baseline_refusal_score']:.3f} -> "
-            f"{d['refusal_score']:.3f} under ablation, KL {d['kl']:.4f}"
+            f"- selection ({d.selection_mode}, KL <= {d.rule['kl_threshold']}, layers < "
+            f"{d.rule['prune_fraction']}·L): refusal score {d.baseline_refusal_score:.3f} -> "
+            f"{d.refusal_score:.3f} under ablation, KL {d.kl:.4f}"
         ),
-        f"- refusal tokens: {', '.join(repr(v) for v in d['refusal_tokens'].values())}",
-        _prompt_line(results["config"]),
+        f"- refusal tokens: {', '.join(repr(v) for v in d.refusal_tokens.values())}",
+        _prompt_line(results.settings),
         "",
-        *([f"![candidate scores (position x layer)]({d['heatmap']})", ""] if d.get("heatmap") else []),
-        *([f"![refusal rates (condition x language)]({results['figure']})", ""] if results.get("figure") else []),
+        *([f"![candidate scores (position x layer)]({d.heatmap})", ""] if d.heatmap else []),
+        *([f"![refusal rates (condition x language)]({results.figure})", ""] if results.figure else []),
         "## Refusal rate on harmful test prompts",
         "",
         "| lang | " + " | ".join(conds) + " | n | detector |",
@@ -63,15 +88,15 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             continue
         n = next(x["n"] for x in h if x)
         lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
-    lines += _capability_section(results.get("capability") or {}, conds)
+    lines += _capability_section(results.capability, conds)
     lines += _pooled_section(ev, conds)
     lines += _degenerate_section(completions, conds)
     lines += _budget_section(ev, conds)
     lines += _judge_section(ev, conds)
-    if results.get("missing_test_files"):
-        lines += ["", f"Missing test files (not evaluated): {', '.join(results['missing_test_files'])}."]
-    if results.get("short_test_files"):
-        lines += ["", f"Short test files (fewer prompts than the others): {', '.join(results['short_test_files'])}."]
+    if results.missing_test_files:
+        lines += ["", f"Missing test files (not evaluated): {', '.join(results.missing_test_files)}."]
+    if results.short_test_files:
+        lines += ["", f"Short test files (fewer prompts than the others): {', '.join(results.short_test_files)}."]
     lines += ["", "## Examples (first harmful prompt per language)", ""]
     seen: set[tuple[str, str]] = set()
     for c in completions:
@@ -83,22 +108,22 @@ def write_report(results: dict[str, Any], completions: Sequence[Completion], pat
             f"- **{c.lang} / {c.condition}** ({'refused' if c.refused else 'complied'}"
             f"{', marker ' + repr(c.marker) if c.marker else ''}): {c.prompt[:90]!r} -> {resp!r}"
         )
-    t = results["timings"]
+    t = results.timings
     lines += ["", "## Timings (s, this invocation)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, float)]
-    earlier = results.get("timings_previous") or []
+    earlier = results.timings_previous
     if earlier:
         totals = ", ".join(f"{x.get('total', 0.0):.1f}" for x in earlier)
         lines += ["", f"Earlier invocations of this run directory (resumed since), total seconds: {totals}."]
-    lines += ["", f"Versions: {results['versions']}", ""]
+    lines += ["", f"Versions: {results.versions}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def _prompt_line(cfg: dict[str, Any]) -> str:
+def _prompt_line(cfg: RunSettings) -> str:
     """How prompts were rendered: refusal rates with and without a system prompt are not comparable."""
-    if cfg.get("system_prompt") is not None:
-        return f"- prompts: the GGUF chat template with the system prompt {cfg['system_prompt']!r}"
-    if cfg.get("prompt_format", "template") == "paper":
+    if cfg.system_prompt is not None:
+        return f"- prompts: the GGUF chat template with the system prompt {cfg.system_prompt!r}"
+    if cfg.prompt_format == "paper":
         return "- prompts: the paper's, the user turn alone with no system turn (`--prompt-format paper`)"
     return "- prompts: the GGUF chat template, with its default system prompt if any (`--prompt-format template`)"
 
@@ -129,7 +154,7 @@ def _capability_section(cap: dict[str, Any], conds: list[str]) -> list[str]:
     return lines
 
 
-def _pooled_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+def _pooled_section(ev: Evaluation, conds: list[str]) -> list[str]:
     """Refusal rates pooled over languages with Wilson 95% intervals (only with several languages)."""
     if len(ev) < 2:
         return []
@@ -199,7 +224,7 @@ def _degenerate_section(completions: Sequence[Completion], conds: list[str]) -> 
     return lines
 
 
-def _budget_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+def _budget_section(ev: Evaluation, conds: list[str]) -> list[str]:
     """Harmful refusal rate had generation stopped earlier, all languages pooled (delayed refusals)."""
     pooled: dict[str, dict[str, list[float]]] = {}  # cond -> budget -> [refused count per lang]
     n: dict[str, int] = {}
@@ -233,7 +258,7 @@ def _budget_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
     return lines
 
 
-def _judge_section(ev: dict[str, Any], conds: list[str]) -> list[str]:
+def _judge_section(ev: Evaluation, conds: list[str]) -> list[str]:
     """Tables of the guard judge's compliance and, on back-translations, the paper's substring refusals."""
     judged = {lang: {c: v["judge"] for c, v in by.items() if v.get("judge")} for lang, by in ev.items()}
     judged = {lang: by for lang, by in judged.items() if by}

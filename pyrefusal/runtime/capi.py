@@ -266,6 +266,23 @@ def model_n_layer(model: LlamaModelPtr) -> int:
 # --- owners -----------------------------------------------------------------------------------
 
 
+class Owner:
+    """Base of the classes that own C objects: ``close()`` frees them (idempotent), also at the end of a
+    ``with`` block, and as a last resort when the object is garbage-collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class LoraAdapter:
     """A GGUF LoRA adapter loaded for one :class:`Model` (llama.cpp frees it with the model)."""
@@ -274,7 +291,7 @@ class LoraAdapter:
     handle: object  # llama_adapter_lora_p
 
 
-class Model:
+class Model(Owner):
     """Owner of a ``llama_model`` loaded from a GGUF file.
 
     Args:
@@ -325,15 +342,6 @@ class Model:
             llama_cpp.llama_model_free(self._ptr)
             self._ptr = None
             self._loras.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     # metadata
     def meta(self, key: str) -> str | None:
@@ -417,7 +425,7 @@ class ContextParams:
     kv_f32: bool = False
 
 
-class Context:
+class Context(Owner):
     """Owner of a ``llama_context`` for a :class:`Model`, optionally with pyrefusal's hook as eval callback.
 
     Args:
@@ -473,15 +481,6 @@ class Context:
         if self._ptr:
             llama_cpp.llama_free(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def decode(self, batch: Batch) -> int:
         """``llama_decode`` of the batch; returns llama.cpp's code (0 = success, 1 = KV cache full)."""

@@ -9,17 +9,14 @@ owns one and delegates its chat methods to it; it needs only the model's tokeniz
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from pyrefusal.errors import ModelError
 from pyrefusal.families import detect_chat_format
+from pyrefusal.settings import PromptFormat
 
-__all__ = ["ChatPrompts", "PromptFormat"]
-
-#: How a prompt without a system message is rendered: the GGUF template, or the paper's user turn alone.
-PromptFormat = Literal["template", "paper"]
+__all__ = ["ChatPrompts"]
 
 _SENTINEL = "PYREFUSALINSTRUCTIONSENTINEL"
 _SYSTEM_SENTINEL = "PYREFUSALSYSTEMSENTINEL"

@@ -1,7 +1,7 @@
 """What the stages and the steering router use of a model runtime, as a structural type.
 
 Stage functions (:mod:`pyrefusal.stages`), the selection rule's scoring (:mod:`pyrefusal.method.selection`), the
-interventions' :func:`~pyrefusal.method.intervention.arm` and the steering router take a model runtime. They are
+steering router (:func:`~pyrefusal.steering.router.arm`) take a model runtime. They are
 typed with :class:`ModelRunner` instead of ``Any`` so that any object with these members works (tests pass fakes)
 and a type checker sees what a stage needs. :class:`pyrefusal.runtime.Runtime` satisfies it (tests check).
 
@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-if TYPE_CHECKING:  # only types: the values live in runtime.py / families.py (no import cycle at run time)
+if TYPE_CHECKING:  # only types: the values live in the runtime's modules (no import cycle at run time)
     from pyrefusal.families import ResidualNodes
-    from pyrefusal.runtime.chat import PromptFormat
-    from pyrefusal.runtime.runtime import Generation, ModelInfo, PlanEntry, Timings
+    from pyrefusal.runtime.decode import Generation, Timings
+    from pyrefusal.runtime.hook import PlanEntry
+    from pyrefusal.runtime.runtime import ModelInfo
+    from pyrefusal.settings import PromptFormat
 
 __all__ = ["ModelRunner"]
 

@@ -22,7 +22,7 @@ from pyrefusal.errors import PyrefusalError
 from pyrefusal.method import intervention as iv
 from pyrefusal.method.directions import random_like
 from pyrefusal.method.refusal import RefusalDetector
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import TRANSFER_CONDITIONS
 from pyrefusal.stages.direction import LanguageDirection
 from pyrefusal.stages.generate import generate_stage, read_jsonl

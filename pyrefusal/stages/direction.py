@@ -24,7 +24,7 @@ from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.directions import Candidates
 from pyrefusal.method.selection import Selection, SelectionRule
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.extract import extract_stage, load_activations, save_activations
 from pyrefusal.stages.layout import DirectionFiles, PromptRecord
 from pyrefusal.stages.select import select_stage

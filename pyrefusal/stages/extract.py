@@ -28,7 +28,7 @@ from pyrefusal.common import Log
 from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.method.directions import Candidates, mean_difference
 from pyrefusal.method.selection import refusal_scores
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.layout import DirectionFiles, PromptRecord
 
 #: Below this many prompts of a class after filtering, the unfiltered set is used.

@@ -28,9 +28,10 @@ from pyrefusal.common import Log, Progress
 from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method import intervention as iv
-from pyrefusal.method.refusal import RefusalDetector
+from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import read_records
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
+from pyrefusal.settings import Detector
 from pyrefusal.steering import router
 
 REPETITION_NGRAM = 10
@@ -136,6 +137,11 @@ def generate_completions(
     finally:
         runtime.clear_plan()
     return out
+
+
+def substring_detector(setting: Detector) -> SubstringDetector:
+    """The substring refusal detector a study's ``detector`` setting names (``--detector``)."""
+    return SubstringDetector(mode="paper" if setting == "paper" else "multilingual")
 
 
 def refusal_onset(runtime: ModelRunner, tokens: Sequence[int], lang: str, detector: RefusalDetector) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,10 @@ from pyrefusal.method.directions import unit
 from pyrefusal.stages.direction import LanguageDirection
 
 __all__ = [
+    "DirectionGeometry",
     "PCAResult",
     "common_position",
+    "compare_directions",
     "cosine_by_layer",
     "pca_activations",
     "projection_on",
@@ -158,3 +161,63 @@ def projection_on(
             p = np.asarray(a, dtype=np.float64) @ r  # (n,)
             out.setdefault(lang, {})[kind] = {"mean": float(p.mean()), "std": float(p.std()), "n": len(p)}
     return out
+
+
+@dataclass
+class DirectionGeometry:
+    """How a set of directions of one model relate, compared where the reference direction was selected.
+
+    Attributes:
+        reference: the direction whose selected position and layer are compared (and projected on).
+        names: the directions, in order (the matrices' axes).
+        position / layer: the reference's selected position and layer.
+        by_layer: cosine of the candidates at ``position``, float64 ``(n, n, n_layers)`` (:func:`cosine_by_layer`).
+        selected: cosine of the selected directions, float64 ``(n, n)`` (:func:`selected_cosines`).
+        pca: 2-D PCA of the stored train activations at (position, layer), or None (none stored / not asked).
+        projection: :func:`projection_on` the reference direction, or None (likewise).
+    """
+
+    reference: str
+    names: list[str]
+    position: int
+    layer: int
+    by_layer: np.ndarray
+    selected: np.ndarray
+    pca: PCAResult | None = None
+    projection: dict[str, dict[str, dict[str, float]]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``transfer.json["geometry"]``: the facts and matrices as JSON values (NaN kept as float)."""
+        return {
+            "names": self.names,
+            "position": self.position,
+            "layer": self.layer,
+            "projection_reference": self.reference,
+            "selected_cosine": self.selected.tolist(),
+            "cosine_at_layer": self.by_layer[:, :, self.layer].tolist(),
+            "cosine_by_layer": self.by_layer.tolist(),
+            "pca_explained": list(self.pca.explained) if self.pca else None,
+            "projection": self.projection,
+        }
+
+
+def compare_directions(
+    directions: Mapping[str, LanguageDirection], reference: str, *, activations: bool = True
+) -> DirectionGeometry:
+    """Cosines of ``directions`` at ``reference``'s selected position and layer and, with ``activations``, the PCA
+    of their stored train activations there and their projections on the reference direction.
+
+    Raises:
+        PyrefusalError: directions from models of different shapes.
+    """
+    ref = directions[reference]
+    names, pos, by_layer = cosine_by_layer(directions, ref.selection.position)
+    layer = ref.selection.layer
+    _, sel = selected_cosines(directions)
+    geometry = DirectionGeometry(reference, names, pos, layer, by_layer, sel)
+    if activations:
+        acts = train_activations_at(directions, pos, layer)
+        if acts:
+            geometry.pca = pca_activations(acts, layer=layer, position=pos)
+            geometry.projection = projection_on(ref.direction, acts)
+    return geometry

@@ -43,7 +43,7 @@ from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.refusal import RefusalVerdict
 from pyrefusal.method.selection import log_softmax
 from pyrefusal.rundir import JsonlCache, digest
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.generate import Completion
 
 if TYPE_CHECKING:
@@ -433,7 +433,7 @@ def back_translate_responses(
     """
     from pyrefusal.data.backtranslation import BackTranslator
     from pyrefusal.data.build import LlamaTranslator
-    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.runtime import Runtime
 
     # Translations can be longer than the response in tokens (other scripts); leave room.
     max_new = min(2048, 2 * max_new_tokens + 32)
@@ -491,7 +491,7 @@ def judge_completions(
         PyrefusalError: no ``judge_model``.
     """
     from pyrefusal.method.refusal import SubstringDetector
-    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.runtime import Runtime
 
     if not judge_model:
         raise PyrefusalError(f"--judge {judge} needs --judge-model (a local GGUF of the guard model)")

@@ -37,7 +37,7 @@ from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.method.intervention import Intervention
 from pyrefusal.method.selection import kl_divergence, refusal_openings, refusal_token_ids
 from pyrefusal.rundir import digest, write_atomic
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.steering import router
 
 __all__ = [

@@ -33,7 +33,7 @@ from pyrefusal.method.selection import (
     kl_divergence,
     refusal_scores,
 )
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.extract import NO_VAL_FILTER, Extracted, filter_by_refusal, format_prompts
 from pyrefusal.stages.layout import DirectionFiles
 from pyrefusal.steering import router

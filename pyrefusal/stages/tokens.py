@@ -10,22 +10,27 @@ is the fallback (:func:`table_refusal_tokens`), and explicit openings override b
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pyrefusal.data.polyrefuse import Prompt
+from pyrefusal.common import Log
+from pyrefusal.data.polyrefuse import PolyRefuse, Prompt
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.refusal import RefusalDetector
 from pyrefusal.method.selection import PAPER_REFUSAL_OPENINGS, refusal_openings, refusal_token_ids
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
+from pyrefusal.settings import TokenMethod
+from pyrefusal.stages.sample import probe_prompts
 
 __all__ = [
     "RefusalTokens",
     "count_first_tokens",
     "derive_refusal_tokens",
+    "language_refusal_tokens",
     "pick_refusal_tokens",
     "table_refusal_tokens",
 ]
@@ -208,3 +213,54 @@ def derive_refusal_tokens(
         note=f"no table entry; using rare first tokens: {why}",
         **common,
     )
+
+
+def language_refusal_tokens(
+    runtime: ModelRunner,
+    data: PolyRefuse,
+    lang: str,
+    saved: Path | None,
+    *,
+    given: RefusalTokens | None,
+    openings: Sequence[str] | None,
+    token_method: TokenMethod,
+    detector: RefusalDetector,
+    n_token_probe: int,
+    token_max_new_tokens: int,
+    seed: int,
+    system: str | None,
+    log: Log,
+) -> RefusalTokens:
+    """The refusal tokens of ``lang``: ``given`` > the ``saved`` file (resume) > explicit ``openings`` > the table
+    (``token_method="table"``) or derived from ``n_token_probe`` probe prompts (:func:`derive_refusal_tokens`);
+    written to ``saved`` when given."""
+    if given is not None:
+        toks = given
+    elif saved is not None and saved.exists():
+        toks = RefusalTokens.load(saved)
+        log(f"{lang}: reusing refusal_tokens.json")
+    elif openings:
+        toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, openings)
+    elif token_method == "table":
+        toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, family=getattr(runtime, "family", None))
+    else:
+        t = time.perf_counter()
+        probe = probe_prompts(data, lang, n_token_probe, seed)
+        toks = derive_refusal_tokens(
+            runtime,
+            probe,
+            lang,
+            detector=detector,
+            max_new_tokens=token_max_new_tokens,
+            system=system,
+            batch_size=runtime.n_seq_max,
+        )
+        log(f"{lang}: derived refusal tokens in {time.perf_counter() - t:.1f}s")
+    if saved is not None:
+        toks.save(saved)
+    note = f" - {toks.note}" if toks.note else ""
+    log(
+        f"{lang}: refusal tokens {toks.ids} {toks.strings} ({toks.method}; "
+        f"{toks.n_refusals}/{toks.n_prompts} refusals){note}"
+    )
+    return toks

@@ -74,6 +74,7 @@ __all__ = [
     "load_control_vector",
     "read_gguf_header",
     "read_metadata",
+    "write_provenance",
 ]
 
 #: ``general.architecture`` of a llama.cpp control-vector file.
@@ -123,8 +124,9 @@ def _add_metadata(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
         writer.add_string(key, json.dumps(value, sort_keys=True, default=str))
 
 
-def _write_provenance(writer: gguf.GGUFWriter, provenance: Mapping[str, Any], owned: Mapping[str, Any]) -> None:
-    """Write ``provenance`` as ``pyrefusal.<key>`` entries, then the exporter's own keys.
+def write_provenance(writer: gguf.GGUFWriter, provenance: Mapping[str, Any], owned: Mapping[str, Any]) -> None:
+    """Write ``provenance`` as ``pyrefusal.<key>`` entries, then the exporter's own keys (every pyrefusal GGUF
+    writer uses it: control vectors, LoRAs, merged models).
 
     Raises:
         ExportError: a key is malformed, or contradicts a key the exporter owns (e.g.
@@ -261,7 +263,7 @@ def export_control_vector(
         try:
             writer.add_string(f"{CVEC_ARCH}.model_hint", model_hint)
             writer.add_int32(f"{CVEC_ARCH}.layer_count", len(rows))
-            _write_provenance(writer, provenance, owned)
+            write_provenance(writer, provenance, owned)
             for n, arr in rows.items():
                 writer.add_tensor(f"direction.{n}", arr)  # F32, 1-D (n_embd,)
             writer.write_header_to_file()
@@ -692,7 +694,7 @@ def export_ablation_lora(
             writer.add_name("pyrefusal refusal-direction ablation")
             writer.add_string("adapter.type", "lora")
             writer.add_float32("adapter.lora.alpha", float(k))
-            _write_provenance(writer, prov, owned)
+            write_provenance(writer, prov, owned)
             for name, arr in tensors:
                 writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
             writer.write_header_to_file()

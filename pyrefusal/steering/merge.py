@@ -274,7 +274,7 @@ def _write_intermediate(
     writer = gguf.GGUFWriter(str(dst), arch)
     try:
         _copy_metadata(reader, writer)
-        ex._write_provenance(writer, provenance, owned)
+        ex.write_provenance(writer, provenance, owned)
         plan: list[tuple[str, Any, bool]] = [(t.name, t, t.name in edited) for t in reader.tensors]
         if untie:
             embd = next(t for t in reader.tensors if t.name == _EMBD)
@@ -428,7 +428,7 @@ def compare_with_hook(
     from pyrefusal.method.intervention import ablation
     from pyrefusal.method.refusal import SubstringDetector
     from pyrefusal.method.selection import kl_divergence
-    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.runtime import Runtime
 
     if not prompts:
         raise MergeError("compare_with_hook needs at least one prompt")

@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import sys
@@ -50,6 +49,7 @@ from typing_extensions import Self
 
 from pyrefusal.errors import HookError
 from pyrefusal.method import intervention as iv
+from pyrefusal.results import RESULTS_FILE, ResultsError, RunResults
 from pyrefusal.runtime import capi
 from pyrefusal.steering.export import ExportError, cached_ablation_lora, direction_sha256, read_gguf_header
 from pyrefusal.steering.router import SteeringError, decide
@@ -256,17 +256,15 @@ def plan_steering(
     return Steering(**base, intervention="ablation", direction=d, lora_path=lora, exact=route.exact, note=route.reason)
 
 
-def _read_run(run_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
-    results_path, direction_path = run_dir / "results.json", run_dir / "direction.npy"
+def _read_run(run_dir: Path) -> tuple[RunResults, np.ndarray]:
+    """The run's checked results and its direction ``(n_embd,)`` float32."""
+    results_path, direction_path = run_dir / RESULTS_FILE, run_dir / "direction.npy"
     if not results_path.is_file() or not direction_path.is_file():
         raise SteeringError(f"{run_dir} has no results.json/direction.npy; run `pyrefusal run --out {run_dir}` first")
     try:
-        results = json.loads(results_path.read_text())
-        _ = results["model"]["path"], results["direction"]["layer"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SteeringError(
-            f"{results_path} is not a pyrefusal run result (needs model.path and direction.layer): {e}"
-        ) from e
+        results = RunResults.load(results_path)
+    except ResultsError as e:
+        raise SteeringError(str(e)) from e
     return results, np.load(direction_path)
 
 
@@ -288,7 +286,7 @@ def steering_from_run(
         intervention: ``"ablation"`` or ``"addition"``.
         layer: block input of the addition (default: the run's selected ``direction.layer``).
         coeff: the addition's coefficient.
-        model_path: the run's model if it moved (default ``results["model"]["path"]``).
+        model_path: the run's model if it moved (default: the run's ``model.path``).
         allow_inexact: as in :func:`plan_steering`.
         verify: check the model file's sha256 against the run's ``model.sha256``.
         adapter_root: as in :func:`plan_steering`.
@@ -301,10 +299,10 @@ def steering_from_run(
     """
     run_dir = Path(run_dir)
     results, direction = _read_run(run_dir)
-    model = Path(model_path) if model_path is not None else Path(results["model"]["path"])
+    model = Path(model_path) if model_path is not None else Path(results.model.path)
     if not model.is_file():
         raise SteeringError(f"the run's model {model} is not there; pass model_path= (--model) with its new location")
-    expected = results["model"].get("sha256")
+    expected = results.model.sha256
     sha = None
     if verify and expected:
         from pyrefusal.data.registry import cached_sha256
@@ -314,19 +312,19 @@ def steering_from_run(
             raise SteeringError(
                 f"{model} (sha256 {sha[:12]}) is not the model of {run_dir} ({expected[:12]}); pass the run's model"
             )
-    sel = results["direction"]
+    sel = results.direction
     prov = {
         "run_dir": str(run_dir),
-        "source_language": sel.get("source_lang"),
-        "selected_layer": sel.get("layer"),
-        "position": sel.get("position"),
+        "source_language": sel.source_lang,
+        "selected_layer": sel.layer,
+        "position": sel.position,
         "base_sha256": expected,
     }
     return plan_steering(
         model,
         direction,
         intervention=intervention,
-        layer=sel["layer"] if layer is None else layer,
+        layer=sel.layer if layer is None else layer,
         coeff=coeff,
         allow_inexact=allow_inexact,
         model_sha256=sha,  # None: computed (once, with a sidecar) from the file actually loaded

@@ -13,7 +13,8 @@ interrupted run keeps its work and a re-run continues from the last finished sta
    (appended batch by batch; finished prompts are skipped on resume)
    then, with a judge: back-translate harmful responses to English (``--judge-translator``) ->
    ``back_translations.jsonl``, and judge them -> ``judge_cache.jsonl`` (both append-only caches)
-5. ``results.json`` and ``report.md``
+5. results (:func:`pyrefusal.stages.results.assemble_results` -> :class:`~pyrefusal.results.RunResults`) ->
+   ``results.json``, ``report.md`` and figures (:func:`pyrefusal.reporting.report.write_run_outputs`)
 
 Only this module and the CLI know the whole flow; stage modules stay independent.
 """
@@ -22,40 +23,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pyrefusal.common import Log, Progress
 from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.method import intervention as iv
-from pyrefusal.method.directions import random_like
-from pyrefusal.method.refusal import SubstringDetector
 from pyrefusal.method.selection import Selection, SelectionRule, refusal_token_ids
+from pyrefusal.reporting.report import write_run_outputs
 from pyrefusal.results import RunResults
-from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
-from pyrefusal.runtime.runtime import Runtime, build_info
+from pyrefusal.rundir import RunLock, check_config, write_atomic, write_config
+from pyrefusal.runtime import Runtime
 from pyrefusal.settings import CONDITIONS, RunConfig  # noqa: F401  (CONDITIONS: importable from here as before)
 from pyrefusal.stages.extract import extract_stage
-from pyrefusal.stages.generate import (
-    Completion,
-    budget_grid,
-    configured,
-    generate_stage,
-    read_jsonl,
-    summarize,
-    wanted_pairs,
-)
+from pyrefusal.stages.generate import configured, generate_stage, read_jsonl, substring_detector, wanted_pairs
 from pyrefusal.stages.judge import judge_completions
 from pyrefusal.stages.layout import RunPaths
 from pyrefusal.stages.measure import Metrics, measure_capability, measure_first_token_refusal
+from pyrefusal.stages.results import assemble_results, evaluation_table
 from pyrefusal.stages.sample import sample_prompts
 from pyrefusal.stages.select import select_stage
-
-Log = Callable[[str], None]
 
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
@@ -102,46 +90,13 @@ def _check_model(paths: RunPaths, sha256: str) -> None:
         write_atomic(ident, json.dumps({"sha256": sha256}, indent=1))
 
 
-def _evaluation_table(
-    completions: Sequence[Completion],
-    max_new_tokens: int,
-    target_langs: Sequence[str],
-    detector_name: str,
-    first_token: Mapping[str, Mapping[str, float]],
-    judged: Mapping[str, Mapping[str, Any]],
-    paths: RunPaths,
-) -> dict[str, Any]:
-    """``results["evaluation"]``: ``{lang: {condition: {harmful rates..., "harmless": {...}, ...}}}`` in
-    ``target_langs`` order, from the completions plus the model-dependent metrics computed beside them."""
-    summary = summarize(completions, budget_grid(max_new_tokens))
-    evaluation: dict[str, Any] = {}
-    for lang, conds in summary.items():
-        evaluation[lang] = {}
-        for cond, kinds in conds.items():
-            harmful = kinds.get("harmful", {"n": 0, "refusal_rate": None, "detector": detector_name})
-            evaluation[lang][cond] = {
-                "n": harmful["n"],
-                "refusal_rate": harmful["refusal_rate"],
-                "refusal_rate_ci95": harmful.get("refusal_rate_ci95"),
-                "degenerate_rate": harmful.get("degenerate_rate"),
-                "detector": harmful["detector"],
-                "completions": f"{paths.completions.name} (lang={lang}, condition={cond}, kind=harmful)",
-                "refusal_by_budget": harmful.get("refusal_by_budget"),
-                "harmless": kinds.get("harmless"),
-                "first_token_refusal_prob": first_token.get(lang, {}).get(cond),
-            }
-            if judged.get(lang, {}).get(cond):
-                evaluation[lang][cond]["judge"] = judged[lang][cond]
-    return {lang: evaluation[lang] for lang in target_langs if lang in evaluation}  # config order
-
-
 def run_pipeline(
     config: RunConfig,
     out: Path,
     *,
     force: bool = False,
     log: Log = print,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
 
@@ -169,18 +124,6 @@ def run_pipeline(
             rt.close()
 
 
-def _interventions(direction: np.ndarray, layer: int, seed: int) -> dict[str, iv.Intervention]:
-    """The intervention of every condition of :data:`CONDITIONS`, from the selected direction ``(n_embd,)``."""
-    return {
-        "baseline": iv.baseline(),
-        "ablation": iv.ablation(direction),
-        "actadd": iv.actadd(direction, layer, coeff=-1.0),
-        "induce": iv.induce(direction, layer, coeff=1.0),
-        "harm_ablation": iv.harm_ablation(direction, layer),
-        "random_ablation": iv.Intervention("random_ablation", ablate=random_like(direction, seed=seed)),
-    }
-
-
 def _run(
     rt: Runtime,
     data: PolyRefuse,
@@ -189,7 +132,7 @@ def _run(
     timings: dict[str, float],
     t_all: float,
     log: Log,
-    progress: Callable[[str, int, int], None] | None,
+    progress: Progress | None,
 ) -> dict[str, Any]:
     """The stage sequence: sample -> extract -> select -> generate -> measure -> judge -> results.
 
@@ -248,8 +191,8 @@ def _run(
     direction = extracted.candidates.get(selection.position, selection.layer)  # (n_embd,) float64, unnormalised
 
     # -- 4. generate --------------------------------------------------------------------------
-    detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
-    interventions = _interventions(direction, selection.layer, config.seed)
+    detector = substring_detector(config.detector)
+    interventions = iv.paper_conditions(direction, selection.layer, seed=config.seed)
     # The fastest exact path: on a GPU the hook costs a device sync per hooked node, so llama.cpp's
     # in-graph adapters (LoRA ablation, control vector) win; on CPU the hook costs ~nothing.
     path = config.steering
@@ -300,8 +243,6 @@ def _run(
             metrics.capability,
             metrics.save,
         )
-    first_token = {lang: metrics.first_token.get(lang, {}) for lang in sample.test}
-    capability = {c: metrics.capability[c] for c in config.conditions if c in metrics.capability}
     timings["metrics"] = time.perf_counter() - t
     judged: dict[str, Any] = {}
     if config.judge != "none":
@@ -323,65 +264,24 @@ def _run(
         timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
-    # -- 6. results ---------------------------------------------------------------------------
-    evaluation = _evaluation_table(
-        completions, config.max_new_tokens, config.target_langs, detector.name, first_token, judged, paths
+    # -- 6. results -------------------------------------------------------------------------
+    results = assemble_results(
+        rt,
+        config,
+        paths,
+        sample=sample,
+        prompts=record,
+        selection=selection,
+        direction=direction,
+        eoi=eoi,
+        completions=completions,
+        detector_name=detector.name,
+        metrics=metrics,
+        judged=judged,
+        timings=timings,
     )
-    info = rt.info().to_dict()
-    results: dict[str, Any] = {
-        "model": info,
-        "direction": {
-            "source_lang": config.source_lang,
-            "layer": selection.layer,
-            "position": selection.position,
-            "kl": selection.kl,
-            "refusal_score": selection.refusal_score,
-            "baseline_refusal_score": selection.baseline_refusal_score,
-            "steering_score": selection.steering_score,
-            "norm": float(np.linalg.norm(direction)),
-            "refusal_tokens": {str(i): rt.detokenize([i]) for i in selection.refusal_tokens},
-            "rule": asdict(selection.rule),
-            "selection_mode": selection.mode,
-            "file": paths.direction.name,
-            "candidates_file": paths.candidates.name,
-            "eoi_tokens": eoi,
-        },
-        "prompts": record.to_dict(),
-        "evaluation": evaluation,
-        "steering": {
-            "requested": config.steering,
-            "used": {c: metrics.steering[c] for c in config.conditions if c in metrics.steering},
-        },
-        "missing_test_files": sample.missing,
-        "short_test_files": sample.short,
-        "capability": capability,
-        "config": config.to_dict(),
-        "versions": {k: v for k, v in build_info().items() if k != "system_info"},
-        "timings": {**timings, **{"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}},
-        # a resumed run keeps the timings of the invocations that did the earlier stages
-        "timings_previous": previous_timings(paths.results),
-    }
-    _write_outputs(results, selection, completions, paths, log)
-    return results
-
-
-def _write_outputs(
-    results: dict[str, Any], selection: Selection, completions: Sequence[Completion], paths: RunPaths, log: Log
-) -> None:
-    """Figures, ``results.json`` and ``report.md`` of a run."""
-    from pyrefusal.reporting.plots import plot_run_refusal, plot_selection_heatmaps
-    from pyrefusal.reporting.report import write_report
-
-    name = results["model"]["name"]
-    heatmap = plot_selection_heatmaps(selection, paths.root / "selection.png", title=f"{name}: candidates")
-    results["direction"]["heatmap"] = heatmap.name
-    if results["evaluation"]:
-        conds = results["config"]["conditions"]
-        figure = plot_run_refusal(results["evaluation"], conds, paths.root / "refusal.png", title=name)
-        results["figure"] = figure.name
-    RunResults(results).save(paths.results)
-    write_report(results, completions, paths.report)
-    log(f"wrote {paths.results} and {paths.report}")
+    write_run_outputs(results, selection, completions, paths, log)
+    return results.data
 
 
 def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
@@ -399,19 +299,19 @@ def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
             f"`pyrefusal run`); finish it first with `pyrefusal run --out {paths.root}` (an interrupted run resumes)"
         )
     with RunLock(paths.root):
-        stored_results = RunResults.load(paths.results)
-        results, cfg = stored_results.data, stored_results.config
-        wanted = wanted_pairs(stored_results.test_ids, stored_results.conditions)
+        results = RunResults.load(paths.results)
+        settings = results.settings
+        wanted = wanted_pairs(results.test_ids, results.conditions)
         completions = configured(read_jsonl(paths.completions), wanted)
         if wanted and not completions:
             raise PyrefusalError(f"{paths.completions} has none of this run's completions; re-run `pyrefusal run`")
-        old = stored_results.evaluation
+        old = results.evaluation
         first_token = {lang: {c: e.get("first_token_refusal_prob") for c, e in by.items()} for lang, by in old.items()}
         judged = {lang: {c: e["judge"] for c, e in by.items() if e.get("judge")} for lang, by in old.items()}
         stored = [e["detector"] for by in old.values() for e in by.values() if e.get("detector")]
-        detector = stored[0] if stored else cfg["detector"]
-        results["evaluation"] = _evaluation_table(
-            completions, int(cfg["max_new_tokens"]), cfg["target_langs"], detector, first_token, judged, paths
+        detector = stored[0] if stored else settings.detector
+        results.evaluation = evaluation_table(
+            completions, settings.max_new_tokens, settings.target_langs, detector, first_token, judged, paths
         )
-        _write_outputs(results, Selection.load(paths.selection), completions, paths, log)
-        return results
+        write_run_outputs(results, Selection.load(paths.selection), completions, paths, log)
+        return results.data

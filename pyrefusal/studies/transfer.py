@@ -39,14 +39,10 @@ Output layout of :func:`run_transfer` (``out/``)::
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from pyrefusal.common import Log, Progress
 from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
@@ -55,12 +51,13 @@ from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.method.selection import SelectionRule
 from pyrefusal.reporting.transfer_report import write_transfer_report
 from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
-from pyrefusal.runtime.protocol import ModelRunner
+from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import TransferConfig
 from pyrefusal.stages.crossapply import CONTROL_ROW, TransferResult, condition_name, quiet, transfer_matrix
 from pyrefusal.stages.direction import LanguageDirection, extract_direction, load_language_directions
 from pyrefusal.stages.geometry import (
     PCAResult,
+    compare_directions,
     cosine_by_layer,
     pca_activations,
     projection_on,
@@ -68,11 +65,13 @@ from pyrefusal.stages.geometry import (
     train_activations_at,
 )
 from pyrefusal.stages.layout import DirectionFiles
-from pyrefusal.stages.sample import probe_prompts, sample_test_prompts, sample_train_val
+from pyrefusal.stages.results import recorded_versions, runtime_timings, strict_json
+from pyrefusal.stages.sample import sample_test_prompts, sample_train_val
 from pyrefusal.stages.tokens import (
     RefusalTokens,
     count_first_tokens,
     derive_refusal_tokens,
+    language_refusal_tokens,
     pick_refusal_tokens,
     table_refusal_tokens,
 )
@@ -179,11 +178,11 @@ def extract_language_directions(
         if files is not None:
             files.root.mkdir(parents=True, exist_ok=True)
         prog = (lambda s, i, n, _l=lang: progress(f"{_l}: {s}", i, n)) if progress else None
-        toks = _refusal_tokens(
+        toks = language_refusal_tokens(
             runtime,
             data,
             lang,
-            files,
+            files.refusal_tokens if files is not None else None,
             given=(refusal_tokens or {}).get(lang),
             openings=(openings or {}).get(lang),
             token_method=token_method,
@@ -209,56 +208,6 @@ def extract_language_directions(
             log=log,
         )
     return out
-
-
-def _refusal_tokens(
-    runtime: ModelRunner,
-    data: PolyRefuse,
-    lang: str,
-    files: DirectionFiles | None,
-    *,
-    given: RefusalTokens | None,
-    openings: Sequence[str] | None,
-    token_method: Literal["derive", "table"],
-    detector: RefusalDetector,
-    n_token_probe: int,
-    token_max_new_tokens: int,
-    seed: int,
-    system: str | None,
-    log: Log,
-) -> RefusalTokens:
-    """The refusal tokens of ``lang``: given > saved > explicit openings > table / derived; saved to ``files``."""
-    saved = files.refusal_tokens if files is not None else None
-    if given is not None:
-        toks = given
-    elif saved is not None and saved.exists():
-        toks = RefusalTokens.load(saved)
-        log(f"{lang}: reusing refusal_tokens.json")
-    elif openings:
-        toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, openings)
-    elif token_method == "table":
-        toks = table_refusal_tokens(runtime.tokenize, runtime.detokenize, lang, family=getattr(runtime, "family", None))
-    else:
-        t = time.perf_counter()
-        probe = probe_prompts(data, lang, n_token_probe, seed)
-        toks = derive_refusal_tokens(
-            runtime,
-            probe,
-            lang,
-            detector=detector,
-            max_new_tokens=token_max_new_tokens,
-            system=system,
-            batch_size=runtime.n_seq_max,
-        )
-        log(f"{lang}: derived refusal tokens in {time.perf_counter() - t:.1f}s")
-    if saved is not None:
-        toks.save(saved)
-    note = f" - {toks.note}" if toks.note else ""
-    log(
-        f"{lang}: refusal tokens {toks.ids} {toks.strings} ({toks.method}; "
-        f"{toks.n_refusals}/{toks.n_prompts} refusals){note}"
-    )
-    return toks
 
 
 # =========================================================================================
@@ -317,7 +266,8 @@ def run_transfer(
     Raises:
         PyrefusalError: settings clash with ``out``, unknown languages/condition, or selection fails.
     """
-    from pyrefusal.runtime.runtime import Runtime, build_info
+    from pyrefusal.reporting.plots import plot_transfer_figures
+    from pyrefusal.runtime import Runtime
 
     config.validate()  # choices, and at least one source and one target language
     out = Path(out)
@@ -380,94 +330,30 @@ def run_transfer(
             )
             timings["transfer"] = time.perf_counter() - t
             info = rt.info().to_dict()
-            runtime_timings = {"runtime_" + k: v for k, v in asdict(rt.timings).items() if k != "extra"}
+            runner_timings = runtime_timings(rt)
         finally:
             rt.close()
 
-        geometry = _geometry(directions)
+        geometry = compare_directions(directions, "en" if "en" in directions else next(iter(directions)))
         result: dict[str, Any] = {
             "model": info,
             "config": config.to_dict(),
             "transfer": transfer.to_dict(),
             "directions": {s: ld.summary() for s, ld in directions.items()},
-            "geometry": geometry["json"],
+            "geometry": geometry.to_dict(),
             "figures": {},
-            "versions": {k: v for k, v in build_info().items() if k != "system_info"},
+            "versions": recorded_versions(),
         }
         if plots:
             t = time.perf_counter()
-            result["figures"] = _figures(out, directions, transfer, geometry)
+            result["figures"] = plot_transfer_figures(out, directions, transfer, geometry)
             timings["plots"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_all
-        result["timings"] = {**timings, **runtime_timings}
+        result["timings"] = {**timings, **runner_timings}
         # a resumed run keeps the timings of the invocations that did the earlier work
         result["timings_previous"] = previous_timings(out / "transfer.json")
-        write_atomic(out / "transfer.json", json.dumps(_jsonable(result), indent=1, ensure_ascii=False))
-        report = write_transfer_report(_jsonable(result), out)
+        result = strict_json(result)
+        write_atomic(out / "transfer.json", json.dumps(result, indent=1, ensure_ascii=False))
+        report = write_transfer_report(result, out)
         log(f"wrote {out / 'transfer.json'} and {report}")
-        return _jsonable(result)
-
-
-def _geometry(directions: Mapping[str, LanguageDirection]) -> dict[str, Any]:
-    """Cosines, PCA and projections; returns ``{"json": ..., plus arrays for the figures}``."""
-    ref = "en" if "en" in directions else next(iter(directions))
-    names, pos, by_layer = cosine_by_layer(directions, directions[ref].selection.position)
-    layer = directions[ref].selection.layer
-    _, sel = selected_cosines(directions)
-    acts = train_activations_at(directions, pos, layer)
-    pca = pca_activations(acts, layer=layer, position=pos) if acts else None
-    proj = projection_on(directions[ref].direction, acts) if acts else None
-    js = {
-        "names": names,
-        "position": pos,
-        "layer": layer,
-        "projection_reference": ref,
-        "selected_cosine": sel.tolist(),
-        "cosine_at_layer": by_layer[:, :, layer].tolist(),
-        "cosine_by_layer": by_layer.tolist(),
-        "pca_explained": list(pca.explained) if pca else None,
-        "projection": proj,
-    }
-    return {"json": js, "by_layer": by_layer, "selected": sel, "pca": pca, "projection": proj}
-
-
-def _figures(
-    out: Path,
-    directions: Mapping[str, LanguageDirection],
-    transfer: TransferResult,
-    geometry: Mapping[str, Any],
-) -> dict[str, str]:
-    from pyrefusal.reporting import plots
-
-    figs: dict[str, str] = {}
-    figs["transfer"] = plots.plot_transfer_matrix(transfer, out / "transfer_matrix.png").name
-    for s, ld in directions.items():
-        p = plots.plot_selection_heatmaps(ld.selection, out / f"selection_{s}.png", title=f"source {s}")
-        figs[f"selection_{s}"] = p.name
-    js = geometry["json"]
-    figs["cosine"] = plots.plot_cosine_matrix(
-        js["names"], geometry["selected"], out / "cosine_selected.png", title="cosine of selected directions"
-    ).name
-    figs["cosine_by_layer"] = plots.plot_cosine_by_layer(
-        js["names"], geometry["by_layer"], out / "cosine_by_layer.png", position=js["position"]
-    ).name
-    if geometry["pca"] is not None:
-        figs["pca"] = plots.plot_pca(geometry["pca"], out / "pca.png").name
-    if geometry["projection"] is not None:
-        figs["projection"] = plots.plot_projections(
-            geometry["projection"], out / "projection.png", reference=js["projection_reference"]
-        ).name
-    return figs
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN -> None, tuples -> lists, NumPy scalars -> Python (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+        return result
