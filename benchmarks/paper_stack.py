@@ -17,7 +17,7 @@ step's tokens arrive): prompt tokens/s (the prefill) and generation tokens/s (``
 tokens over the decode steps, prefill excluded, as for llama.cpp), plus the peak CUDA memory. One
 JSON object goes to stdout; progress to stderr.
 
-It runs in its own process: torch must not share a process with llama.cpp (design/llama-cpp.md),
+It runs in its own process: torch must not share a process with llama.cpp (importing both can abort),
 and this file never imports ``llama_cpp``. ``bench_gpu.py`` invokes it; on its own::
 
     python benchmarks/paper_stack.py --shape qwen2.5-7b --seqs 1,16,64 --prompt-len 64 --gen 128

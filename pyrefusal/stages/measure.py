@@ -1,7 +1,7 @@
 """Capability side effects of an intervention: first-token KL and held-out perplexity.
 
 Two cheap checks that an intervention removes refusal without damaging the model
-(anchors.md §4: heretic/abliterix report first-token KL, Arditi et al. report CE loss):
+(the abliteration tools heretic and abliterix report first-token KL; Arditi et al. report CE loss):
 
 * :func:`first_token_kl`: mean ``KL(P_baseline || P_intervention)`` of the next-token
   distribution at the last position of chat-formatted harmless prompts, with the paper's
