@@ -32,12 +32,14 @@ _API: dict[str, str] = {
     "RunSettings": "pyrefusal.settings:RunSettings",
     "TransferSettings": "pyrefusal.settings:TransferSettings",
     "QuantSweepSettings": "pyrefusal.settings:QuantSweepSettings",
+    "OptimizeSettings": "pyrefusal.settings:OptimizeSettings",
     "RunResults": "pyrefusal.results:RunResults",
     # studies
     "run": "pyrefusal.studies.run:run_pipeline",
     "rerender": "pyrefusal.studies.run:rerender",
     "transfer": "pyrefusal.studies.transfer:run_transfer",
     "quant_sweep": "pyrefusal.studies.quantsweep:run_quant_sweep",
+    "optimize": "pyrefusal.studies.optimize:run_optimize",
     # runtime
     "Runtime": "pyrefusal.runtime:Runtime",
     "ModelRunner": "pyrefusal.runtime:ModelRunner",
@@ -81,6 +83,7 @@ __all__ = [
     "Intervention",
     "ModelError",
     "ModelRunner",
+    "OptimizeSettings",
     "PolyRefuse",
     "PyrefusalError",
     "QuantSweepSettings",
@@ -106,6 +109,7 @@ __all__ = [
     "harm_ablation",
     "induce",
     "mean_difference",
+    "optimize",
     "quant_sweep",
     "rerender",
     "resolve_model",
@@ -142,11 +146,12 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see
     from pyrefusal.method.selection import Selection, SelectionRule
     from pyrefusal.results import RunResults
     from pyrefusal.runtime import ModelRunner, Runtime, build_info
-    from pyrefusal.settings import QuantSweepSettings, RunSettings, Settings, TransferSettings
+    from pyrefusal.settings import OptimizeSettings, QuantSweepSettings, RunSettings, Settings, TransferSettings
     from pyrefusal.steering.export import export_ablation_lora, export_control_vector
     from pyrefusal.steering.merge import export_merged
     from pyrefusal.steering.router import arm, disarm, route
     from pyrefusal.steering.steered import SteeredModel
+    from pyrefusal.studies.optimize import run_optimize as optimize
     from pyrefusal.studies.quantsweep import run_quant_sweep as quant_sweep
     from pyrefusal.studies.run import rerender
     from pyrefusal.studies.run import run_pipeline as run

@@ -7,6 +7,7 @@ Every option can also be set through the environment with the ``PYREFUSAL_`` pre
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -19,13 +20,17 @@ import llama_cpp  # noqa: F401  (import before numpy: required by CUDA builds)
 import click
 
 from pyrefusal.errors import PyrefusalError
-from pyrefusal.results import RunResults
+from pyrefusal.results import RunResults, load_direction
+from pyrefusal.rundir import storage_error
 
 if TYPE_CHECKING:
     import numpy as np
 
     from pyrefusal.data.registry import ResolvedModel
-from pyrefusal.settings import QuantSweepSettings, RunSettings, Settings, TransferSettings
+from pyrefusal.settings import OptimizeSettings, QuantSweepSettings, RunSettings, Settings, TransferSettings
+
+#: errno values of storage failures (full disk, quota, permissions, read-only file system) the CLI reports cleanly
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _fail(e: Exception) -> NoReturn:
@@ -42,6 +47,13 @@ def _progress_bars() -> Any:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
+            # Stages run one after another: a bar still open belongs to a stage that stopped early by design (the
+            # lazy KL stops at the pick). Close it as finished, so it shows no stale ETA and later bars draw once.
+            for other, open_bar in bars.items():
+                if not open_bar.disable and open_bar.n < (open_bar.total or 0):
+                    open_bar.total = open_bar.n
+                    open_bar.set_description(f"{other} (stopped at {open_bar.n}: the rest was not needed)", False)
+                    open_bar.close()
             bar = bars[stage] = tqdm(total=total, desc=stage, unit="it", leave=True)
         bar.update(done - bar.n)
         if done >= total:
@@ -50,15 +62,52 @@ def _progress_bars() -> Any:
     return progress
 
 
-def _study(study: Callable[..., Any], config: Settings, out: Path, **kwargs: Any) -> Any:
-    """Run a study with the CLI's log and progress bars, print its ``report.md``; exit 2 with the message on a
-    :class:`PyrefusalError`."""
+def _study(study: Callable[..., Any], config: Settings, out: Path, *, print_report: bool = True, **kwargs: Any) -> Any:
+    """Run a study with the CLI's log and progress bars, print its ``report.md`` (unless ``print_report`` is
+    false); exit 2 with the message on a :class:`PyrefusalError`."""
     try:
         result = study(config, out, log=lambda s: click.echo(s, err=True), progress=_progress_bars(), **kwargs)
     except PyrefusalError as e:
         _fail(e)
-    click.echo(Path(out, "report.md").read_text(encoding="utf-8"))
+    except OSError as e:  # a full disk or an unwritable --out in a write without its own message
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        _fail(storage_error(Path(e.filename or out), e))
+    if print_report:
+        click.echo(Path(out, "report.md").read_text(encoding="utf-8"))
     return result
+
+
+def _run_summary(results: RunResults, out: Path) -> str:
+    """A few lines for the end of ``pyrefusal run``: the direction, harmful refusal rates, and where the files are
+    (the full report stays in ``report.md``)."""
+    d = results.data.get("direction", {})
+    kl = d.get("kl")
+    kl_text = f"{kl:.3f}" if isinstance(kl, (int, float)) else "not computed"
+    lines = [
+        f"direction: layer {d.get('layer')}, position {d.get('position')} (source {d.get('source_lang')}, "
+        + f"KL on harmless val {kl_text})"
+    ]
+    rates = results.refusal_rates()
+    present = list(dict.fromkeys(c for by in rates.values() for c in by))
+    conditions = [c for c in results.conditions if c in present] + [c for c in present if c not in results.conditions]
+    detectors = {e.get("detector") for by in results.evaluation.values() for e in by.values()} - {None}
+    ns = {e.get("n") for by in results.evaluation.values() for e in by.values()} - {None}
+    lines.append(
+        f"harmful prompts refused ({', '.join(sorted(map(str, detectors))) or 'detector'}, "
+        f"n = {'/'.join(str(n) for n in sorted(ns))} per cell):"
+    )
+    lines.append("  " + "lang".ljust(6) + "".join(c.rjust(max(10, len(c) + 2)) for c in conditions))
+    for lang, by in rates.items():
+        cells = "".join(
+            ("-" if by.get(c) is None else f"{100 * by[c]:.0f}%").rjust(max(10, len(c) + 2)) for c in conditions
+        )
+        lines.append("  " + lang.ljust(6) + cells)
+    lines.append(
+        f"written to {out}: report.md (full report: harmless prompts, examples, side effects), results.json, "
+        "direction.npy, completions.jsonl; `pyrefusal report` re-renders it"
+    )
+    return "\n".join(lines)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -193,8 +242,8 @@ def run(ctx: click.Context, **kw: Any) -> None:
     from pyrefusal.studies.run import run_pipeline
 
     config = settings_from_options(RunSettings, kw, ctx, preset=kw["preset"])
-    results = _study(run_pipeline, config, kw["out"], force=kw["force"])
-    click.echo(json.dumps({"harmful_refusal_rate": RunResults(results).refusal_rates()}, indent=1))
+    results = _study(run_pipeline, config, kw["out"], force=kw["force"], print_report=False)
+    click.echo(_run_summary(RunResults(results), Path(kw["out"])))  # short: report.md holds the rest
 
 
 @main.command()
@@ -248,6 +297,30 @@ def quant_sweep(ctx: click.Context, **kw: Any) -> None:
     _study(run_quant_sweep, config, kw["out"], force=kw["force"])
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@settings_options(OptimizeSettings)
+@click.option(
+    "--pick",
+    type=int,
+    default=None,
+    help="Choose this trial: write pick.json (then used by `export lora`) and report it on the test split next to "
+    "the paper's pick and the baseline.",
+)
+@click.option("--force", is_flag=True, help="Discard RUN_DIR/optimize and start the search over.")
+@click.pass_context
+def optimize(ctx: click.Context, run_dir: Path, **kw: Any) -> None:
+    """Search partial-weight ablations of a finished run (Optuna; multilingual; LoRA adapters in llama.cpp's graph).
+
+    Resumable: a killed search continues, and --trials N on a finished one adds trials. Outputs in
+    RUN_DIR/optimize: study.db, trials.jsonl, pareto.md, pareto.png, report.md, pick.json (with --pick).
+    """
+    from pyrefusal.studies.optimize import run_optimize
+
+    config = settings_from_options(OptimizeSettings, kw, ctx)
+    _study(run_optimize, config, run_dir / "optimize", run_dir=run_dir, pick=kw["pick"], force=kw["force"])
+
+
 @main.group()
 def models() -> None:
     """The model registry: list entries, download/verify a model."""
@@ -284,8 +357,6 @@ def export() -> None:
 
 def _run_artifacts(run_dir: Path, model: str | None) -> tuple[ResolvedModel, np.ndarray, RunResults]:
     """(resolved model, direction (n_embd,) float32, results) of a finished `pyrefusal run`."""
-    import numpy as np
-
     from pyrefusal.data.registry import resolve_model
 
     results_path, direction_path = run_dir / "results.json", run_dir / "direction.npy"
@@ -299,7 +370,7 @@ def _run_artifacts(run_dir: Path, model: str | None) -> tuple[ResolvedModel, np.
             f"{resolved.path} (sha256 {resolved.sha256[:12]}) is not the model of {run_dir} "
             f"({expected[:12]}); pass --model with the run's model"
         )
-    return resolved, np.load(direction_path), results
+    return resolved, load_direction(direction_path), results
 
 
 def _provenance(results: RunResults, run_dir: Path) -> dict[str, Any]:
@@ -360,13 +431,36 @@ def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | N
     help="Leave the token embeddings out (needed for tied-embedding models; then not exact).",
 )
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
-def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None) -> None:
-    """Rank-1 LoRA GGUF (llama.cpp --lora) that ablates the direction on the unchanged quantized base."""
+@click.option("--paper", is_flag=True, help="Export the run's own direction even when `optimize --pick` chose a trial.")
+def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None, paper: bool) -> None:
+    """Rank-1 LoRA GGUF (llama.cpp --lora) that ablates the direction on the unchanged quantized base.
+
+    When `pyrefusal optimize RUN_DIR --pick N` wrote RUN_DIR/optimize/pick.json, that trial's partial-weight
+    ablation is exported instead (unless --paper)."""
     from pyrefusal.steering.export import export_ablation_lora
+    from pyrefusal.steering.weighted import export_weighted_lora
+    from pyrefusal.studies.optimize import load_pick
 
     try:
         resolved, r, results = _run_artifacts(run_dir, model)
-        out = output or run_dir / "refusal-ablation-lora.gguf"
+        chosen = None if paper else load_pick(run_dir)
+        if chosen is not None:
+            ablation, record = chosen
+            out = output or run_dir / f"refusal-optimize-trial{record['trial']}-lora.gguf"
+            export_weighted_lora(
+                resolved.path,
+                ablation,
+                out,
+                provenance={**_provenance(results, run_dir), "optimize_trial": record["trial"]},
+                skip_embeddings=skip_embeddings,
+            )
+            click.echo(f"exported optimize trial {record['trial']} (optimize/pick.json; --paper: the run's direction)")
+            click.echo(f"{out}\nuse: llama-cli -m {resolved.path} --lora {out}")
+            return
+        # the default name says what the file holds: a --skip-embeddings adapter never replaces the full one
+        out = output or run_dir / (
+            "refusal-ablation-lora-no-embd.gguf" if skip_embeddings else "refusal-ablation-lora.gguf"
+        )
         export_ablation_lora(
             resolved.path,
             r,
@@ -429,12 +523,17 @@ def _steering_options(f: Any) -> Any:
                 show_default=True,
                 help="Ablation (LoRA adapter) or addition (control vector).",
             ),
-            click.option("--layer", type=int, default=None, help="Block input of the addition (default: the run's)."),
+            click.option(
+                "--layer",
+                type=click.IntRange(min=0),
+                default=None,
+                help="Block input of the addition (default: the run's).",
+            ),
             click.option("--coeff", type=float, default=-1.0, show_default=True, help="Coefficient of the addition."),
             click.option("--model", default=None, help="The run's model if it moved (checked by sha256)."),
             click.option("--allow-inexact", is_flag=True, help="Accept a LoRA without embeddings on tied models."),
-            click.option("--n-ctx", default=4096, show_default=True),
-            click.option("--n-gpu-layers", default=-1, show_default=True),
+            click.option("--n-ctx", type=click.IntRange(min=1), default=4096, show_default=True),
+            click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True),
         ]
     ):
         f = opt(f)
@@ -444,7 +543,7 @@ def _steering_options(f: Any) -> Any:
 @main.command()
 @_steering_options
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per reply.")
 @click.option("--temperature", default=0.0, show_default=True)
 def chat(
     run_dir: Path,
@@ -483,7 +582,7 @@ def chat(
 @main.command()
 @_steering_options
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require this bearer token.")
 def serve(
     run_dir: Path,
@@ -528,7 +627,7 @@ def serve(
 
 @main.group()
 def data() -> None:
-    """The PolyRefuse dataset: download it, check it."""
+    """The PolyRefuse dataset: shipped with pyrefusal; download updates and the English pools, check it."""
 
 
 @data.command("fetch")
@@ -599,7 +698,7 @@ def data_build(
 ) -> None:
     """Create LANG's missing files (e.g. zh harmless_test, or a new language) by translating the English ones."""
     from pyrefusal.data.build import REQUEST_PROMPT_TEMPLATE, LlamaTranslator, build_language
-    from pyrefusal.data.polyrefuse import default_data_dir
+    from pyrefusal.data.embedded import writable_data_dir
     from pyrefusal.runtime import Runtime
 
     try:
@@ -613,7 +712,7 @@ def data_build(
                 prompt_template=REQUEST_PROMPT_TEMPLATE,  # the rows are prompts: translate, do not answer
             )
             reports = build_language(
-                data_dir or default_data_dir(),
+                writable_data_dir(data_dir),  # never the shipped copy: the fetched cache, seeded from it if empty
                 lang,
                 tr,
                 splits=_csv(splits),
@@ -638,16 +737,29 @@ def data_build(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def data_verify(data_dir: Path | None, as_json: bool) -> None:
     """Check schema, sizes, duplicates, hashes; list what is present and missing."""
+    from pyrefusal.data.embedded import resolve_data_source
     from pyrefusal.data.fetch import verify
 
     try:
-        report = verify(data_dir)
+        report = verify(resolve_data_source(data_dir).path)  # the copy a run would read
     except PyrefusalError as e:
         _fail(e)
         return
     click.echo(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) if as_json else report.to_markdown())
     if not report.ok:
         sys.exit(1)
+
+
+@data.command("where")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="PYREFUSAL_DATA_DIR")
+def data_where(data_dir: Path | None) -> None:
+    """Say which PolyRefuse copy a run would read (--data-dir, $PYREFUSAL_DATA_DIR, fetched cache, shipped copy)."""
+    from pyrefusal.data.embedded import resolve_data_source
+
+    try:
+        click.echo(resolve_data_source(data_dir).describe())
+    except PyrefusalError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,11 +17,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.rundir import write_atomic
 from pyrefusal.settings import RunSettings
+
+if TYPE_CHECKING:  # numpy is imported where a direction is read, not with this module
+    import numpy as np
 
 __all__ = [
     "RESULTS_FILE",
@@ -31,6 +34,7 @@ __all__ = [
     "ModelFacts",
     "ResultsError",
     "RunResults",
+    "load_direction",
 ]
 
 #: File name of a run's results in its directory.
@@ -182,7 +186,7 @@ class RunResults:
             raise ResultsError(f"{path} does not exist: {run_dir} holds no finished run; {rerun}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise ResultsError(f"{path} is not JSON ({e}); the file was cut or edited: {rerun}") from None
         if not isinstance(data, dict):
             raise ResultsError(f"{path} holds a {type(data).__name__}, not a run's results object; {rerun}")
@@ -307,3 +311,44 @@ class RunResults:
     def set_figure(self, name: str) -> None:
         """Record the refusal-rate figure's file name (``figure``)."""
         self.data["figure"] = name
+
+
+def load_direction(path: Path, *, n_embd: int | None = None) -> np.ndarray:
+    """A run's stored direction (``direction.npy``, or a variant's ``<TYPE>.direction.npy``), checked.
+
+    Read with ``allow_pickle=False`` (a ``.npy`` holding Python objects is refused, never unpickled).
+
+    Args:
+        path: the ``.npy`` file.
+        n_embd: the model's width, when known: the direction must have exactly that many entries.
+
+    Returns:
+        float32 ``(n_embd,)``.
+
+    Raises:
+        ResultsError: missing, not a ``.npy`` (truncated, garbage), an object or non-numeric array, not 1-D,
+            the wrong width, NaN/inf or all zeros; the message names the file and how to recover.
+    """
+    import numpy as np
+
+    path = Path(path)
+    rerun = (
+        f"delete it and re-run `pyrefusal run --out {path.parent}` with the options in {path.parent / 'config.json'} "
+        "(it is written again from the saved candidates)"
+    )
+    if not path.is_file():
+        raise ResultsError(f"{path} does not exist; {rerun}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, TypeError) as e:  # truncated, not .npy, or an object array
+        raise ResultsError(f"{path} is not a readable direction ({e}); {rerun}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise ResultsError(f"{path} holds {kind} values, not a real-valued direction; {rerun}")
+    if arr.ndim != 1 or arr.size == 0 or (n_embd is not None and arr.shape[0] != n_embd):
+        want = f"({n_embd},)" if n_embd is not None else "(n_embd,)"
+        raise ResultsError(f"{path} has shape {arr.shape}, not {want}; {rerun}")
+    out = arr.astype(np.float32)  # (n_embd,)
+    if not np.all(np.isfinite(out)) or not np.any(out):
+        raise ResultsError(f"{path} holds NaN/inf or only zeros, not a direction; {rerun}")
+    return out

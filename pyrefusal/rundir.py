@@ -11,12 +11,14 @@ Imports nothing else from the package but the errors.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pyrefusal.errors import PyrefusalError
 
@@ -84,8 +86,27 @@ def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so that an interrupted
     write leaves the old file (or none), never a truncated one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # never leave a temporary behind
+        raise storage_error(path, exc) from None
+    except BaseException:  # interrupted (Ctrl-C): the old file stays, the temporary goes
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def storage_error(path: Path, exc: OSError) -> PyrefusalError:
+    """A :class:`PyrefusalError` for a failed write of ``path`` that says which path and what to do."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        fix = "free space on that disk (what was computed before is kept; re-run the same command to resume)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make that directory writable or choose another --out (re-running resumes from what is saved)"
+    else:
+        fix = "check the disk and that directory, then re-run the same command to resume"
+    return PyrefusalError(f"cannot write {path} ({why}); {fix}")
 
 
 def read_records(path: Path, *, what: str) -> list[tuple[int, Any]]:
@@ -119,44 +140,94 @@ def read_records(path: Path, *, what: str) -> list[tuple[int, Any]]:
 
 
 class RunLock:
-    """An exclusive lock on an output directory (``.lock`` holding the owner's pid), so that two
-    processes never generate into the same files. A lock left by a process that no longer runs is
-    taken over.
+    """An exclusive lock on an output directory, so that two processes never write into the same files.
+
+    Acquisition is atomic: the lock is an OS advisory lock (``fcntl.flock``) on ``.lock``, which the
+    kernel grants to one open file at a time and drops when its owner exits, however it exits; the
+    file also holds the owner's pid for the error message. A ``.lock`` left behind by a process that
+    was killed is therefore free and is taken over. A ``.lock`` that names a live process but is not
+    flock-held (written by an earlier pyrefusal, which only wrote the pid) is still refused. Within
+    one process the lock is re-entrant (a nested ``with RunLock(out)`` is a no-op).
+
+    POSIX only (Linux, macOS): Windows is not a target of pyrefusal.
 
     Raises:
-        PyrefusalError: another live process holds the directory.
+        PyrefusalError: another live process holds the directory, or it cannot be locked.
     """
+
+    _held: ClassVar[dict[str, int]] = {}  # resolved lock path -> nesting depth in this process
 
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / ".lock"
+        self._fd: int | None = None
+
+    def _key(self) -> str:
+        return str(self.path.resolve())
 
     def __enter__(self) -> RunLock:  # noqa: PYI034  (Self needs Python 3.11)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PyrefusalError(
+                f"cannot create the output directory {self.path.parent} ({exc.strerror or exc}); "
+                "choose a writable --out"
+            ) from None
+        key = self._key()
+        if key in RunLock._held:
+            RunLock._held[key] += 1
+            return self
+        for _ in range(50):  # each retry follows a holder that removed the file between our open and lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise PyrefusalError(
-                        f"{self.path.parent} is in use by another pyrefusal process (pid {pid}); wait for it "
-                        f"to finish or use another output directory (delete {self.path} if that process is gone)"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as exc:
+                raise PyrefusalError(
+                    f"cannot create {self.path} ({exc.strerror or exc}); choose a writable --out"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise PyrefusalError(
+                    f"{self.path.parent} is in use by another pyrefusal process (pid {pid or 'unknown'}); wait "
+                    "for it to finish or use another output directory"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked this file on release: lock the current one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            pid = _read_pid(fd)
+            if pid and pid != os.getpid() and _alive(pid):  # an older pyrefusal's pid-only lock
+                os.close(fd)
+                raise PyrefusalError(
+                    f"{self.path.parent} is in use by another pyrefusal process (pid {pid}); wait for it "
+                    f"to finish or use another output directory (delete {self.path} if that process is gone)"
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._fd = fd
+            RunLock._held[key] = 1
             return self
         raise PyrefusalError(f"could not lock {self.path.parent}; delete {self.path} and retry")
 
     def __exit__(self, *exc: object) -> None:
+        key = self._key()
+        if self._fd is None:  # a nested use
+            if key in RunLock._held:
+                RunLock._held[key] -= 1
+            return
+        del RunLock._held[key]
+        # unlink while still holding the lock, so that a waiter that opened this file sees it is gone
         self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -164,6 +235,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _read_pid(fd: int) -> int:
+    """The pid written in an open lock file (0 when empty or unreadable)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def previous_timings(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ __all__ = [
     "DirectionProjection",
     "FieldSpec",
     "Judge",
+    "OptimizeSettings",
     "PresetName",
     "PromptFormat",
     "QuantSweepConfig",
@@ -192,7 +193,7 @@ class Settings:
 
     Attributes:
         model: registry name, local GGUF path or hub spec.
-        data_dir: PolyRefuse directory (default :func:`pyrefusal.data.polyrefuse.default_data_dir`).
+        data_dir: PolyRefuse directory (default: :func:`pyrefusal.data.embedded.resolve_data_source`).
         n_train / n_val: prompts per kind for extraction / selection (paper sampling, ``seed``).
         n_test: test prompts per kind and language.
         max_new_tokens: greedy tokens per completion.
@@ -234,7 +235,8 @@ class Settings:
         None,
         path=True,
         envvar="PYREFUSAL_DATA_DIR",
-        help="Directory in PolyRefuse's released layout (default: the cache filled by `pyrefusal data fetch`).",
+        help="Directory in PolyRefuse's released layout (default: $PYREFUSAL_DATA_DIR, else the cache filled by "
+        "`pyrefusal data fetch`, else the copy shipped with pyrefusal).",
     )
     n_train: int = setting(32, help="Train prompts per class (paper: 128).")
     n_val: int = setting(8, help="Val prompts per class (paper: 32).")
@@ -247,7 +249,7 @@ class Settings:
         "multilingual",
         help="Refusal detector: markers per language (multilingual) or the paper's English strings (paper).",
     )
-    n_ctx: int = setting(8192, resumable=True)
+    n_ctx: int = setting(8192, resumable=True, help="Context size in tokens (raise it for long prompts).")
     n_seq_max: int = setting(16, option="n-seq", help="Sequences decoded together.")
     n_threads: int | None = setting(None, resumable=True, option="threads", help="CPU threads (default: all cores).")
 
@@ -364,7 +366,23 @@ class Settings:
                 raise PyrefusalError(
                     f"unknown {f.name} {value!r} ({self.option_name(f.name)}); choose {_quoted_choices(allowed)}"
                 )
+        self._check_ranges()
         self._check()
+
+    #: Lower bounds of numeric fields every study shares (checked by :meth:`validate`; ``None`` values are skipped).
+    MINIMUM: ClassVar[Mapping[str, int]] = {"seed": 0, "n_ctx": 1, "n_seq_max": 1, "n_threads": 1}
+
+    def _check_ranges(self) -> None:
+        """Raise on a numeric field below its :attr:`MINIMUM` (``--seed -1``, ``--n-ctx 0``), before any work."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for name, low in self.MINIMUM.items():
+            value = getattr(self, name, None) if name in names else None
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PyrefusalError(
+                    f"{name} ({self.option_name(name)}) must be a whole number >= {low}, got {value!r}"
+                )
 
     def _check(self) -> None:
         """The study's own rules beyond the choices (overridden by subclasses)."""
@@ -497,6 +515,7 @@ class RunSettings(ChatSettings):
         "judge_translator",
         "capability",
         "steering",
+        "n_ctx",  # a prompt longer than the context is fixed with --n-ctx (or PYREFUSAL_RUN_N_CTX)
         "n_seq_max",
         "n_gpu_layers",
         "n_threads",
@@ -757,6 +776,151 @@ class QuantSweepSettings(Settings):
     )
     n_ctx: int = setting(4096)
     n_seq_max: int = setting(16, resumable=True)
+
+
+#: Which eoi positions ``pyrefusal optimize`` may take its direction from.
+OptimizePositions = Literal["search", "selected"]
+#: How ``pyrefusal optimize`` picks the direction's layer: fractional index, whole layers, or the run's layer.
+LayerIndex = Literal["fractional", "integer", "selected"]
+#: Weight kernels of ``pyrefusal optimize``: one per component, one shared, or weight 1 everywhere (the paper).
+KernelMode = Literal["per-component", "shared", "full"]
+#: Whether ``pyrefusal optimize`` edits the token embeddings (auto: searched, off when the LM head is tied).
+EmbeddingsMode = Literal["auto", "search", "on", "off"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """``"0.8,1.5"`` -> ``(0.8, 1.5)``."""
+    return tuple(float(v) for v in _csv(text))
+
+
+@dataclass(frozen=True)
+class OptimizeSettings(Settings):
+    """Everything that determines a ``pyrefusal optimize`` study of a finished run (``RUN_DIR/optimize/config.json``).
+
+    The model, data, train sizes and refusal settings are the run's (filled in by the study); these fields say
+    what is searched and on which prompts. See docs (README "pyrefusal optimize") for the search space.
+
+    Attributes:
+        trials: complete trials the study should hold (more continue it; None: 20 for a new study, else none
+            added).
+        languages: objective languages (default: the run's target languages).
+        n_val: val prompts per kind and language scored per trial.
+        n_test: test prompts per kind and language for the pick (0: the run's).
+        max_new_tokens: greedy tokens of the confirmation and test generations.
+        seed: TPE sampler seed.
+        positions / layer_index / direction_langs / direction_mix / kernel / embeddings / max_weight: the
+            search space (each part switchable).
+        kl_threshold: trials whose pooled KL exceeds it are not confirmed by generation.
+        n_confirm: Pareto trials confirmed by generation on the val prompts.
+
+    Resumable: trials, n_confirm, kl_threshold and the runtime's resources.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "model",
+        "data_dir",
+        "trials",
+        "languages",
+        "n_train",
+        "n_val",
+        "n_test",
+        "max_new_tokens",
+        "seed",
+        "positions",
+        "layer_index",
+        "direction_langs",
+        "direction_mix",
+        "kernel",
+        "embeddings",
+        "max_weight",
+        "kl_threshold",
+        "prune_fraction",
+        "n_confirm",
+        "detector",
+        "n_ctx",
+        "n_seq_max",
+        "n_threads",
+    )
+    OPTIONS: ClassVar[tuple[str, ...]] = (
+        "trials",
+        "languages",
+        "n_val",
+        "n_test",
+        "max_new_tokens",
+        "seed",
+        "positions",
+        "layer_index",
+        "direction_langs",
+        "direction_mix",
+        "kernel",
+        "embeddings",
+        "max_weight",
+        "kl_threshold",
+        "n_confirm",
+        "detector",
+        "n_seq_max",
+        "n_threads",
+    )
+
+    trials: int | None = setting(
+        None,
+        resumable=True,
+        help="Complete trials the study should hold; more than it has continues it (default: 20 for a new study, "
+        "none added to an existing one).",
+    )
+    languages: tuple[str, ...] = setting(
+        (), help="Comma-separated objective languages (default: the run's target languages; 'en' = heretic's)."
+    )
+    n_val: int = setting(8, help="Val prompts per kind and language scored by every trial.")
+    n_test: int = setting(0, help="Test prompts per kind and language for --pick (0: the run's --n-test).")
+    max_new_tokens: int = setting(48, help="Greedy tokens of the confirmation and test generations.")
+    seed: int = setting(1, help="Seed of the TPE sampler.")
+    positions: OptimizePositions = setting(
+        "search", help="Direction position: search every eoi position, or keep the run's selected one."
+    )
+    layer_index: LayerIndex = setting(
+        "fractional",
+        help="Direction layer: fractional index interpolating adjacent layers' candidates, whole layers, or the "
+        "run's selected layer.",
+    )
+    direction_langs: tuple[str, ...] = setting(
+        (),
+        help="Comma-separated languages whose directions may be used (extracted for languages other than the run's "
+        "source; default: the source only).",
+    )
+    direction_mix: bool = setting(
+        True, pair=True, help="With several --direction-langs, also try the normalised mean of their directions."
+    )
+    kernel: KernelMode = setting(
+        "per-component",
+        help="Layer weights: a kernel per component (attention, MLP), one shared kernel, or full (weight 1 "
+        "everywhere, the paper's ablation).",
+    )
+    embeddings: EmbeddingsMode = setting(
+        "auto",
+        help="Edit the token embeddings: search on/off, always, never; auto = search, or off when the model ties "
+        "its LM head to the embeddings (a LoRA cannot carry them there).",
+    )
+    max_weight: tuple[float, ...] = setting(
+        (0.8, 1.5), parse=_floats, help="Range 'low,high' of a kernel's maximum weight (heretic: 0.8,1.5)."
+    )
+    kl_threshold: float = setting(
+        0.2, resumable=True, help="Trials whose pooled first-token KL exceeds this are not confirmed by generation."
+    )
+    n_confirm: int = setting(5, resumable=True, help="Pareto trials confirmed by greedy generation on val prompts.")
+    n_ctx: int = setting(4096, resumable=True)
+    n_seq_max: int = setting(16, resumable=True)
+
+    def _check(self) -> None:
+        if self.trials is not None and self.trials < 1:
+            raise PyrefusalError(f"trials (--trials) must be at least 1, got {self.trials}")
+        self._at_least_one(("n_val", "max_new_tokens", "n_seq_max"))
+        if self.n_test < 0 or self.n_confirm < 0:
+            raise PyrefusalError("--n-test and --n-confirm must be >= 0")
+        if len(self.max_weight) != 2 or not 0 <= self.max_weight[0] <= self.max_weight[1]:
+            raise PyrefusalError(f"--max-weight must be 'low,high' with 0 <= low <= high, got {self.max_weight}")
+        if not self.kl_threshold > 0:
+            raise PyrefusalError(f"kl_threshold (--kl-threshold) must be > 0, got {self.kl_threshold}")
 
 
 # Former names (config.json's classes before the settings model), kept for tests and users.

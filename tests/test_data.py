@@ -391,6 +391,38 @@ def test_unreachable_server_is_retried_then_reported(tmp_path: Path) -> None:
     assert info.value.report.files[0].attempts == 2
 
 
+def test_offline_fails_at_once_with_a_short_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host name that does not resolve stops the fetch on the first request: no retry, no 86 error lines."""
+    import urllib.error
+
+    calls: list[str] = []
+
+    def no_dns(url: str, offset: int, timeout: float) -> None:
+        calls.append(url)
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(data_mod, "_open", no_dns)
+    with pytest.raises(FetchError) as info:
+        fetch(tmp_path, progress=False, retries=3)
+    assert len(calls) == 1  # one request in all, not 3 attempts x 86 files
+    report = info.value.report
+    assert len(report.failed) == N_FILES and report.files[0].attempts == 1
+    message = str(info.value)
+    assert "cannot resolve the host name 'raw.githubusercontent.com'" in message
+    assert f"{N_FILES - 1} other file(s) not tried" in message
+    assert "shipped with pyrefusal" in message and len(message.splitlines()) <= 6
+
+
+def test_many_failures_are_summarised(tmp_path: Path) -> None:
+    with serving(Mirror()) as empty:
+        empty.routes.clear()  # every file answers 404: each is tried, the message stays short
+        with pytest.raises(FetchError) as info:
+            fetch(tmp_path, base_url=empty.base, progress=False, include_pools=False)
+    message = str(info.value)
+    assert f"could not fetch {N_NO_POOLS} of {N_NO_POOLS}" in message
+    assert f"and {N_NO_POOLS - 5} more file(s) failed" in message and len(message.splitlines()) <= 9
+
+
 def test_bad_arguments_say_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="neither an http"):
         fetch(tmp_path, base_url=str(tmp_path / "nowhere"), progress=False)

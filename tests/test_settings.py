@@ -124,7 +124,7 @@ OLD_OPTIONS = {
     "run": "--model --data-dir --source-lang --target-langs --n-train --n-val --n-test --max-new-tokens --seed "
     "--conditions --kl-threshold --steering-filter --direction-projection --all-scores --no-filter --refusal-openings "
     "--system-prompt --prompt-format --detector --judge --judge-model --judge-translator --capability --steering "
-    "--n-seq --n-gpu-layers --threads --out --force --preset",
+    "--n-ctx --n-seq --n-gpu-layers --threads --out --force --preset",
     "transfer": "--model --data-dir --sources --targets --n-train --n-val --n-test --max-new-tokens --seed "
     "--kl-threshold --condition --detector --token-method --refusal-openings --prompt-format --random-control "
     "--threads --n-gpu-layers --out --force --no-plots",

@@ -245,3 +245,54 @@ def test_server_chat_completion_is_the_steered_reply(kind, tiny_model, r, ablate
         assert resp.json()["choices"][0]["message"]["content"] == _chat(model, PROMPTS[0])
         info = client.get("/pyrefusal/steering").json()
         assert info["path"] == ("lora" if kind == "ablation" else "cvec")
+
+
+def test_server_refuses_bad_requests_and_bounds_generation(tiny_model, ablated):
+    """Client errors are 400/422 with a message and no server path; generation is bounded by max_tokens."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("sse_starlette")
+    pytest.importorskip("starlette_context")
+    testclient = pytest.importorskip("fastapi.testclient")
+    st = ablated.steering
+    app = build_app(st.model_path, st.lora_path, n_ctx=256, describe=st.describe())
+    url = "/v1/chat/completions"
+    user = [{"role": "user", "content": PROMPTS[0]}]
+    bad: list[tuple[dict | bytes, int, str]] = [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"messages": "\xff\xfe"}', 400, "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
+        ({"messages": "hi"}, 422, "`messages` must be a non-empty list"),
+        ({"messages": []}, 422, "`messages` must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": None}]}, 422, "messages[0].content must be a string"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 422, "messages[0].role must be one of"),
+        ({"messages": ["hi"]}, 422, "messages[0] must be an object"),
+        ({"messages": user, "max_tokens": "many"}, 422, "`max_tokens` must be an integer in 1..256"),
+        ({"messages": user, "max_tokens": -1}, 422, "`max_tokens` must be an integer in 1..256"),
+        ({"messages": user, "max_tokens": 0}, 422, "`max_tokens` must be an integer in 1..256"),
+        ({"messages": user, "max_tokens": 10**12}, 422, "`max_tokens` must be an integer in 1..256"),
+        ({"messages": user, "temperature": "hot"}, 422, "`temperature` must be a finite number"),
+        ([1, 2], 422, "must be a JSON object"),
+    ]
+    with testclient.TestClient(app, raise_server_exceptions=False) as client:
+        for body, status, message in bad:
+            if isinstance(body, bytes):
+                resp = client.post(url, content=body, headers={"content-type": "application/json"})
+            else:
+                resp = client.post(url, json=body)
+            assert resp.status_code == status, (body if len(str(body)) < 200 else "deep", resp.text)
+            assert message in resp.json()["error"]["message"]
+            assert str(Path(st.model_path).parent) not in resp.text
+        resp = client.post("/v1/completions", json={"prompt": {"x": 1}})
+        assert resp.status_code == 422 and "`prompt` must be" in resp.text
+        # no max_tokens: bounded (llama-cpp-python would generate until the context is full)
+        resp = client.post(url, json={"messages": user, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        assert 0 < resp.json()["usage"]["completion_tokens"] <= 256
+        resp = client.post(url, json={"messages": user, "temperature": 0, "max_tokens": 3})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 3
+        assert client.get("/v1/models").status_code == 200  # other routes pass through untouched
+
+
+def test_chat_repl_refuses_unbounded_replies(ablated):
+    with pytest.raises(SteeringError, match="max_tokens must be a whole number >= 1"):
+        chat_repl(ablated, max_tokens=0, input_fn=lambda _: "/quit", output=io.StringIO())

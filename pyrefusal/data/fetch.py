@@ -16,9 +16,19 @@ pyrefusal uses, with its size, sha256, record count and *upstream path* in that 
 :func:`fetch` downloads them with the standard library only (``urllib``): partial downloads are kept as
 ``<name>.part`` and resumed with an HTTP ``Range`` request, files already present with the right hash are
 skipped, each file is checked against the manifest's sha256 before an atomic rename, so a final file is never
-corrupt. :func:`verify` reports, for every language, split and kind, whether the file is there, its record
-count, duplicates, empty strings, schema errors and hash. Both return dataclasses with ``to_dict()`` for the
-CLI.
+corrupt. A host name that does not resolve (offline) stops the whole fetch at once, without retries, and a file
+that fails on the network after all its retries stops the remaining ones; the error lists a few lines, not one
+per file, and points at the copy shipped with pyrefusal (:mod:`pyrefusal.data.embedded`), which makes fetching
+optional.
+
+Why not a download library such as pooch (1.9.0 was evaluated): it downloads into a temporary file that it deletes
+on failure (no resume of partial downloads), it has no ``file://`` or local-directory source (used for mirrors and
+tests), no per-file fallback between a mirror's upstream layout and a flat copy, and it retries every
+``requests`` error, DNS failures included, with sleeps of 1..10 s: the behaviour this module must not have. Keeping
+those would have meant a custom pooch downloader holding the same code as here, plus a dependency on requests.
+
+:func:`verify` reports, for every language, split and kind, whether the file is there, its record count,
+duplicates, empty strings, schema errors and hash. Both return dataclasses with ``to_dict()`` for the CLI.
 
 ``python -m pyrefusal.data.fetch manifest DIR`` regenerates the manifest from a directory laid out like the above
 (see :func:`make_manifest`).
@@ -32,6 +42,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -121,6 +132,14 @@ _FIX_HINT = (
     "(http(s)://, file:// or a local directory, laid out like the repository or flat with the local file "
     "names); or pass --data-dir pointing at an existing PolyRefuse copy instead of fetching."
 )
+
+_EMBEDDED_HINT = (
+    "You may not need to fetch: `pyrefusal run` works offline with the PolyRefuse copy shipped with pyrefusal "
+    "(every released file; only the optional English Alpaca pools need `pyrefusal data fetch`); "
+    "`pyrefusal data where` says which copy a run reads."
+)
+_NOT_TRIED = "not tried: the source could not be reached"
+_MAX_ERROR_LINES = 5
 
 HashStatus = Literal["ok", "mismatch", "accepted", "not-in-manifest"]
 FetchStatus = Literal["downloaded", "resumed", "present", "failed"]
@@ -489,6 +508,15 @@ class _Transient(Exception):
     """A network problem worth retrying (the .part is kept for resuming)."""
 
 
+class _Unreachable(Exception):
+    """The host name does not resolve (offline, no DNS): no retry and no further file can succeed."""
+
+
+def _is_name_resolution_error(reason: object) -> bool:
+    """Whether a ``URLError.reason`` (or an ``OSError``) is a DNS failure (``socket.gaierror``)."""
+    return isinstance(reason, socket.gaierror)
+
+
 def _resolve_base(base_url: str | None, ref: str) -> str:
     if not ref or any(c.isspace() for c in ref):
         raise DataError(f"invalid ref {ref!r}; pass a branch, tag or commit such as 'main' or {PINNED_COMMIT[:7]!r}")
@@ -550,8 +578,14 @@ def _download(urls: Sequence[str], part: Path, timeout: float, on_bytes: Callabl
             if _is_not_found(exc):
                 not_found.append(f"{url}: no such file")
                 continue
+            if _is_name_resolution_error(exc.reason):
+                host = urllib.parse.urlsplit(url).hostname
+                raise _Unreachable(f"cannot resolve the host name {host!r} ({exc.reason})") from exc
             raise _Transient(f"{url}: {exc.reason}") from exc
         except (OSError, http.client.HTTPException) as exc:
+            if _is_name_resolution_error(exc):
+                host = urllib.parse.urlsplit(url).hostname
+                raise _Unreachable(f"cannot resolve the host name {host!r} ({exc})") from exc
             raise _Transient(f"{url}: {exc!r}") from exc
 
         with resp:
@@ -643,7 +677,9 @@ def _fetch_one(
     timeout: float,
     accepted_sha: str | None,
     on_bytes: Callable[[int], None],
-) -> FetchedFile:
+) -> tuple[FetchedFile, str | None]:
+    """Fetch one file. Returns its outcome and, when the source cannot be reached at all (a host name that does
+    not resolve, or every attempt failed on the network), why the remaining files should not be tried."""
     final = dest / entry.name
     part = final.with_name(final.name + PART_SUFFIX)
     result = FetchedFile(name=entry.name, status="failed", expected_sha256=entry.sha256)
@@ -654,7 +690,7 @@ def _fetch_one(
         if sha == entry.sha256 or (not verify_hash and sha is not None and sha == accepted_sha):
             result.status, result.size, result.sha256 = "present", size, sha
             result.hash_matches = sha == entry.sha256
-            return result
+            return result, None
         # Wrong content: download again; the old file is replaced only once the new one is verified.
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -668,7 +704,7 @@ def _fetch_one(
                 entry.sha256,
                 True,
             )
-            return result
+            return result, None
         part.unlink()
 
     urls = _candidate_urls(base, entry)
@@ -683,7 +719,10 @@ def _fetch_one(
                 f"{entry.name}: not found at any candidate URL ({exc}). The mirror must hold it under its "
                 f"upstream path {entry.upstream!r} or its local name {entry.name!r}"
             )
-            return result
+            return result, None
+        except _Unreachable as exc:  # offline or no DNS: retrying (or trying other files) cannot help
+            result.error = f"{entry.name}: {exc}"
+            return result, str(exc)
         except _Transient as exc:
             last_error = str(exc)
             if result.attempts < retries:
@@ -701,7 +740,7 @@ def _fetch_one(
         if got != entry.sha256 and verify_hash and entry.records is not None:
             part.unlink(missing_ok=True)
             result.error = _mismatch_message(entry, got, url, ref)
-            return result
+            return result, None
         size = part.stat().st_size
         os.replace(part, final)
         result.status = "resumed" if resumed else "downloaded"
@@ -714,10 +753,10 @@ def _fetch_one(
                 entry.sha256,
                 url,
             )
-        return result
+        return result, None
     kept = f" The partial download is kept as {part.name} and the next fetch resumes it." if part.is_file() else ""
     result.error = f"{entry.name}: failed after {result.attempts} attempt(s): {last_error}.{kept}"
-    return result
+    return result, f"the network failed {result.attempts} time(s) in a row ({last_error})"
 
 
 def fetch(
@@ -794,20 +833,25 @@ def fetch(
     report = FetchReport(dest=root, base_url=base, ref=ref, manifest_commit=str(man["commit"]), verify_hash=verify_hash)
     to_get = [e for e in entries if not (root / e.name).is_file() or (root / e.name).stat().st_size != e.size]
     with _progress_bar(sum(e.size for e in to_get), progress) as on_bytes:
+        stop: str | None = None
         for entry in entries:
-            report.files.append(
-                _fetch_one(
-                    entry,
-                    root,
-                    base,
-                    ref=ref,
-                    verify_hash=verify_hash,
-                    retries=retries,
-                    timeout=timeout,
-                    accepted_sha=_accepted_sha(record, entry.name),
-                    on_bytes=on_bytes,
+            if stop is not None:  # the source is unreachable: do not spend minutes failing on every file
+                report.files.append(
+                    FetchedFile(name=entry.name, status="failed", expected_sha256=entry.sha256, error=_NOT_TRIED)
                 )
+                continue
+            result, stop = _fetch_one(
+                entry,
+                root,
+                base,
+                ref=ref,
+                verify_hash=verify_hash,
+                retries=retries,
+                timeout=timeout,
+                accepted_sha=_accepted_sha(record, entry.name),
+                on_bytes=on_bytes,
             )
+            report.files.append(result)
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     known = record.get("files") if isinstance(record.get("files"), dict) else {}
@@ -830,13 +874,24 @@ def fetch(
 
     failed = [f for f in report.files if f.status == "failed"]
     if failed:
-        lines = "\n".join(f"  - {f.error}" for f in failed)
-        raise FetchError(
-            f"could not fetch {len(failed)} of {len(report.files)} PolyRefuse file(s) into {root} "
-            f"from {base}:\n{lines}\n{_FIX_HINT}",
-            report,
-        )
+        raise FetchError(_failure_summary(failed, len(report.files), root, base), report)
     return report
+
+
+def _failure_summary(failed: Sequence[FetchedFile], n_files: int, root: Path, base: str) -> str:
+    """A few lines, not one per file: the first errors, a count of the rest, and what to do."""
+    tried = [f for f in failed if f.error != _NOT_TRIED]
+    lines = [f"  - {f.error}" for f in tried[:_MAX_ERROR_LINES]]
+    if len(tried) > _MAX_ERROR_LINES:
+        lines.append(f"  - ... and {len(tried) - _MAX_ERROR_LINES} more file(s) failed the same way")
+    not_tried = len(failed) - len(tried)
+    if not_tried:
+        lines.append(f"  - {not_tried} other file(s) not tried: the source could not be reached")
+    return (
+        f"could not fetch {len(failed)} of {n_files} PolyRefuse file(s) into {root} from {base}:\n"
+        + "\n".join(lines)
+        + f"\n{_FIX_HINT}\n{_EMBEDDED_HINT}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -1049,7 +1104,7 @@ def _raw_stats(path: Path, split: str) -> tuple[int | None, int | None, int | No
     """(records, duplicates, empty strings) from the raw JSON, best effort (``None`` where unreadable)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None, None, None
     if not isinstance(data, list):
         return None, None, None

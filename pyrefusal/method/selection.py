@@ -183,10 +183,25 @@ class Selection:
 
     @classmethod
     def load(cls, path: Path) -> Selection:
-        d = json.loads(path.read_text())
-        d["rule"] = SelectionRule(**d["rule"])
-        d["scores"] = [CandidateScore(**s) for s in d["scores"]]
-        return cls(**d)
+        """Read ``selection.json``; a garbled file is a :class:`PyrefusalError` that names it and the fix."""
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            d["rule"] = SelectionRule(**d["rule"])
+            d["scores"] = [CandidateScore(**s) for s in d["scores"]]
+            sel = cls(**d)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise PyrefusalError(
+                f"{path} is not a readable selection ({type(e).__name__}: {e}); delete it and re-run "
+                f"`pyrefusal run --out {path.parent}` with its options (the selection is made again from the "
+                "saved candidates)"
+            ) from None
+        for name in ("position", "layer"):
+            if not isinstance(getattr(sel, name), int) or isinstance(getattr(sel, name), bool):
+                raise PyrefusalError(
+                    f"{path}: `{name}` is {getattr(sel, name)!r}, not a whole number; delete it and re-run "
+                    f"`pyrefusal run --out {path.parent}` with its options"
+                )
+        return sel
 
 
 def apply_rule(scores: list[CandidateScore], n_layer: int, rule: SelectionRule) -> CandidateScore | None:

@@ -80,6 +80,12 @@ class GraphAdapters:
             raise ModelError(f"llama_set_adapters_lora failed with code {rc}")
         self._lora_on = True
 
+    def free_lora(self, path: str | os.PathLike[str]) -> None:
+        """Remove every LoRA adapter from the context and free the one loaded from ``path`` (so that a search
+        applying a new adapter per trial does not keep them all in memory)."""
+        self.set_lora(None)
+        self._model.free_lora(str(Path(path).resolve()))
+
     def clear(self) -> None:
         """Remove the control vector and every LoRA adapter."""
         self.set_control_vector(None)

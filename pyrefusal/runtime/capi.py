@@ -409,6 +409,12 @@ class Model(Owner):
             self._loras[path] = LoraAdapter(path, h)
         return self._loras[path]
 
+    def free_lora(self, path: str) -> None:
+        """Free the adapter loaded from ``path`` (resolved), if one is; it must no longer be set on a context."""
+        adapter = self._loras.pop(path, None)
+        if adapter is not None and self._ptr:
+            llama_cpp.llama_adapter_lora_free(adapter.handle)
+
 
 @dataclass(frozen=True)
 class ContextParams:

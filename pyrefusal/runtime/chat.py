@@ -12,11 +12,17 @@ from collections.abc import Callable
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+import jinja2
+
 from pyrefusal.errors import ModelError
 from pyrefusal.families import detect_chat_format
 from pyrefusal.settings import PromptFormat
 
 __all__ = ["ChatPrompts"]
+
+# what a broken template raises while compiling or rendering (jinja2.TemplateError covers syntax errors,
+# undefined variables and llama-cpp-python's raise_exception; the sandbox raises SecurityError / OverflowError)
+_TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, OverflowError, RecursionError, AttributeError)
 
 _SENTINEL = "PYREFUSALINSTRUCTIONSENTINEL"
 _SYSTEM_SENTINEL = "PYREFUSALSYSTEMSENTINEL"
@@ -62,18 +68,38 @@ class ChatPrompts:
                     f"{self._file_name} has no chat template in its metadata (tokenizer.chat_template); "
                     "pyrefusal needs a chat model. Use an instruction-tuned GGUF."
                 )
-            self._formatter = Jinja2ChatFormatter(
-                template=self.template,
-                bos_token=self._special_text(self._bos) if self._bos >= 0 else "",
-                eos_token=self._special_text(self._eos) if self._eos >= 0 else "",
-                add_generation_prompt=True,
-            )
+            try:
+                self._formatter = Jinja2ChatFormatter(
+                    template=self.template,
+                    bos_token=self._special_text(self._bos) if self._bos >= 0 else "",
+                    eos_token=self._special_text(self._eos) if self._eos >= 0 else "",
+                    add_generation_prompt=True,
+                )
+            except _TEMPLATE_ERRORS as e:
+                raise self._template_error(e) from None
         return self._formatter
+
+    def _template_error(self, e: BaseException) -> ModelError:
+        """A template that does not render: name the model, the Jinja error, and what to pass instead."""
+        return ModelError(
+            f"{self._file_name}'s chat template (tokenizer.chat_template) does not render: {type(e).__name__}: "
+            f"{str(e)[:300]}. If it rejects the system turn, leave out --system-prompt (or give one if it needs "
+            "one); for ChatML / Llama 3 / Gemma models try --prompt-format paper; otherwise override the template "
+            "in the GGUF (gguf-py's gguf_new_metadata.py --chat-template-file) or use a GGUF whose template works"
+        )
 
     def format_messages(self, messages: list[dict[str, str]]) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) with the GGUF's own
-        chat template, ending with the assistant's turn opened (``add_generation_prompt``)."""
-        return self._chat_formatter()(messages=messages).prompt  # type: ignore[arg-type]
+        chat template, ending with the assistant's turn opened (``add_generation_prompt``).
+
+        Raises:
+            ModelError: the template does not render (syntax error, undefined variable, ``raise_exception``).
+        """
+        formatter = self._chat_formatter()
+        try:
+            return formatter(messages=messages).prompt  # type: ignore[arg-type]
+        except _TEMPLATE_ERRORS as e:
+            raise self._template_error(e) from None
 
     def format_chat(self, instruction: str, system: str | None = None) -> str:
         """Render one user turn, ready for the reply (see :meth:`pyrefusal.runtime.Runtime.format_chat`)."""

@@ -51,6 +51,7 @@ from pyrefusal.runtime.capi import gpu_offload_supported
 from pyrefusal.runtime.chat import ChatPrompts
 from pyrefusal.runtime.decode import Decoder, Generation, Timings
 from pyrefusal.runtime.hook import HookBinding, PlanEntry
+from pyrefusal.runtime.validate import validate_model_file
 from pyrefusal.settings import ChatSettings, PromptFormat
 
 __all__ = [
@@ -150,6 +151,7 @@ class Runtime(capi.Owner):
         with self.path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{self.path} is not a GGUF file (bad magic). Re-download it or pass a .gguf file.")
+        validate_model_file(self.path)  # impossible hyper-parameters abort inside llama.cpp: refuse them first
         if n_gpu_layers < 0:
             n_gpu_layers = 999 if gpu_offload_supported() else 0
         self.n_gpu_layers = n_gpu_layers
@@ -392,6 +394,11 @@ class Runtime(capi.Owner):
             ModelError: llama.cpp cannot load an adapter (wrong base model or format).
         """
         self._adapters.set_lora(adapters)
+
+    def free_lora(self, path: str | os.PathLike[str]) -> None:
+        """Remove the LoRA adapters from the context and free the one loaded from ``path`` (see
+        :meth:`~pyrefusal.runtime.adapters.GraphAdapters.free_lora`)."""
+        self._adapters.free_lora(path)
 
     def clear_plan(self) -> None:
         """Remove every intervention: the hook plan, llama.cpp's control vector and LoRA adapters."""

@@ -53,9 +53,17 @@ def filter_mask(scores: np.ndarray, keep_positive: bool, log: Log, what: str) ->
         Boolean mask ``(n,)``; all True when fewer than :data:`MIN_FILTERED` survive.
     """
     mask = scores > 0 if keep_positive else scores < 0
-    if int(mask.sum()) < MIN_FILTERED:
-        log(f"filter kept {int(mask.sum())}/{len(scores)} {what} prompts (< {MIN_FILTERED}); using all of them")
-        return np.ones(len(scores), dtype=bool)
+    kept, n = int(mask.sum()), len(scores)
+    # The paper's filter: harmful prompts the model refuses (refusal score > 0), harmless ones it answers (< 0).
+    which = "the model refuses (refusal score > 0)" if keep_positive else "the model answers (refusal score < 0)"
+    if kept < MIN_FILTERED:
+        log(
+            f"refusal filter: only {kept} of {n} {what} prompts are ones {which}, fewer than the {MIN_FILTERED} "
+            f"needed, so all {n} are used unfiltered; more prompts (--n-train/--n-val) give the filter more to "
+            "keep, --no-filter turns it off"
+        )
+        return np.ones(n, dtype=bool)
+    log(f"refusal filter: kept {kept} of {n} {what} prompts, those {which}")
     return mask
 
 

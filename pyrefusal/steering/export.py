@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +51,10 @@ import numpy as np
 
 from pyrefusal import __version__
 from pyrefusal.data.registry import cache_dir, cached_sha256
-from pyrefusal.errors import PyrefusalError
+from pyrefusal.errors import ModelError, PyrefusalError
 from pyrefusal.families import LORA_EXACT_ARCHITECTURES  # per-architecture LoRA exactness
 from pyrefusal.method.intervention import orthonormalize
+from pyrefusal.runtime.validate import ArrayInfo, parse_gguf
 
 __all__ = [
     "CVEC_ARCH",
@@ -363,7 +362,12 @@ class GGUFHeader:
             ExportError: gguf-py cannot dequantize this storage type.
         """
         t = self.tensors[name]
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_rows, t.row_bytes))
+        try:
+            raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_rows, t.row_bytes))
+        except (ValueError, OSError) as e:  # data beyond the end of the file
+            raise ExportError(
+                f"{self.path}: cannot read tensor {name} ({e}); the file is truncated, re-download it"
+            ) from None
         try:
             out = gguf.quants.dequantize(np.ascontiguousarray(raw[start:stop]), t.qtype)
         except NotImplementedError as e:
@@ -374,97 +378,33 @@ class GGUFHeader:
         return np.asarray(out, dtype=np.float32).reshape(stop - start, t.ne[0])
 
 
-_SCALAR_FORMATS: dict[int, str] = {
-    gguf.GGUFValueType.UINT8: "<B",
-    gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I",
-    gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f",
-    gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
-
-
 def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse a GGUF header (v2/v3, little-endian) without materialising array values.
 
+    The parsing is :func:`pyrefusal.runtime.validate.parse_gguf`'s: every count and length is checked
+    against the file, so a corrupt header is an :class:`ExportError`, never an OverflowError or a
+    ZeroDivisionError. Array metadata is left out of :attr:`GGUFHeader.kv`.
+
     Raises:
-        ExportError: not a GGUF file, or a truncated/corrupt header.
+        ExportError: not a GGUF file, a truncated/corrupt header, or a tensor type unknown to gguf-py.
     """
-    path = Path(path)
-    if path.stat().st_size < 24:
-        raise ExportError(f"{path} is not a GGUF file (too short); pass a .gguf model")
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
-
-        def take(fmt: str) -> Any:
-            nonlocal pos
-            (val,) = struct.unpack_from(fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return val
-
-        def take_str() -> str:
-            nonlocal pos
-            n = take("<Q")
-            s = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return s
-
-        def skip_value(vtype: int) -> Any:
-            nonlocal pos
-            if vtype == gguf.GGUFValueType.STRING:
-                return take_str()
-            if vtype == gguf.GGUFValueType.ARRAY:
-                etype, count = take("<I"), take("<Q")
-                if etype == gguf.GGUFValueType.STRING:
-                    for _ in range(count):
-                        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-                elif etype == gguf.GGUFValueType.ARRAY:
-                    for _ in range(count):
-                        skip_value(etype)
-                else:
-                    pos += count * struct.calcsize(_SCALAR_FORMATS[etype])
-                return None
-            return take(_SCALAR_FORMATS[vtype])
-
-        try:
-            if bytes(buf[:4]) != b"GGUF":
-                raise ExportError(f"{path} is not a GGUF file (bad magic)")
-            pos = 4
-            version = take("<I")
-            if version < 2:
-                raise ExportError(f"{path}: GGUF version {version} is too old; convert the model again")
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            kv: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = take_str()
-                val = skip_value(take("<I"))
-                if val is not None:
-                    kv[key] = val
-            infos: list[tuple[str, tuple[int, ...], int, int]] = []
-            for _ in range(n_tensors):
-                name = take_str()
-                n_dims = take("<I")
-                ne = tuple(take("<Q") for _ in range(n_dims))
-                infos.append((name, ne, take("<I"), take("<Q")))
-            align = int(kv.get("general.alignment", 32))
-            data_start = (pos + align - 1) // align * align
-        except (struct.error, KeyError, ValueError) as e:
-            raise ExportError(f"{path}: truncated or corrupt GGUF header ({e}); re-download the model") from e
     try:
-        tensors = {
-            name: TensorInfo(name, ne, gguf.GGMLQuantizationType(qt), data_start + off) for name, ne, qt, off in infos
-        }
-    except ValueError as e:
-        raise ExportError(
-            f"{path}: a tensor type unknown to gguf {gguf.__version__} ({e}); upgrade gguf (`pip install -U gguf`) "
-            "or convert the model to a standard type"
-        ) from e
-    return GGUFHeader(path=path, kv=kv, tensors=tensors)
+        raw = parse_gguf(path)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+    kv = {k: v for k, v in raw.kv.items() if not isinstance(v, ArrayInfo)}
+    tensors: dict[str, TensorInfo] = {}
+    for t in raw.tensors:
+        try:
+            qtype = gguf.GGMLQuantizationType(t.qtype)
+        except ValueError:
+            raise ExportError(
+                f"{raw.path}: tensor {t.name!r} has type {t.qtype}, unknown to gguf "
+                f"{getattr(gguf, '__version__', '(version unknown)')}; upgrade gguf (`pip install -U gguf`) "
+                "or convert the model to a standard type"
+            ) from None
+        tensors[t.name] = TensorInfo(t.name, t.ne, qtype, t.offset)
+    return GGUFHeader(path=raw.path, kv=kv, tensors=tensors)
 
 
 # --- LoRA ablation -------------------------------------------------------------------------

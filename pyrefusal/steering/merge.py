@@ -52,6 +52,7 @@ from pyrefusal.data.registry import cached_sha256
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.intervention import orthonormalize
 from pyrefusal.runtime import capi
+from pyrefusal.runtime.validate import validate_model_file
 from pyrefusal.steering import export as ex
 from pyrefusal.steering.router import arm, disarm
 
@@ -599,6 +600,7 @@ def export_merged(
             "it was computed for another model"
         )
     d = d32.astype(np.float64)
+    validate_model_file(model_path)  # hardening: llama.cpp aborts on impossible hyper-parameters when requantizing
     header = ex.read_gguf_header(model_path)
     base_ftype = header.kv.get("general.file_type")
     base_ftype = int(base_ftype) if base_ftype is not None else None

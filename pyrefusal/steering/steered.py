@@ -34,7 +34,9 @@ Example:
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -44,13 +46,15 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import llama_cpp  # import llama_cpp before numpy/gguf: required in CUDA processes
 
+import jinja2
 import numpy as np
 from typing_extensions import Self
 
-from pyrefusal.errors import HookError
+from pyrefusal.errors import HookError, ModelError
 from pyrefusal.method import intervention as iv
-from pyrefusal.results import RESULTS_FILE, ResultsError, RunResults
+from pyrefusal.results import RESULTS_FILE, ResultsError, RunResults, load_direction
 from pyrefusal.runtime import capi
+from pyrefusal.runtime.validate import validate_model_file
 from pyrefusal.steering.export import ExportError, cached_ablation_lora, direction_sha256, read_gguf_header
 from pyrefusal.steering.router import SteeringError, decide
 
@@ -197,8 +201,9 @@ def plan_steering(
     if not model_path.is_file():
         raise SteeringError(f"model file not found: {model_path}. Pass the .gguf the direction was computed on.")
     try:
+        validate_model_file(model_path)  # impossible hyper-parameters abort inside llama.cpp: refuse them first
         header = read_gguf_header(model_path)
-    except ExportError as e:
+    except (ExportError, ModelError) as e:
         raise SteeringError(str(e)) from e
     arch = str(header.kv.get("general.architecture", "unknown"))
     n_layer = int(header.kv.get(f"{arch}.block_count", 0))
@@ -263,9 +268,10 @@ def _read_run(run_dir: Path) -> tuple[RunResults, np.ndarray]:
         raise SteeringError(f"{run_dir} has no results.json/direction.npy; run `pyrefusal run --out {run_dir}` first")
     try:
         results = RunResults.load(results_path)
+        direction = load_direction(direction_path)  # (n_embd,) float32, checked (no pickles)
     except ResultsError as e:
         raise SteeringError(str(e)) from e
-    return results, np.load(direction_path)
+    return results, direction
 
 
 def steering_from_run(
@@ -583,6 +589,9 @@ def chat_repl(
         The conversation at exit (system, user and assistant messages).
     """
 
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise SteeringError(f"max_tokens must be a whole number >= 1 (--max-tokens), got {max_tokens!r}")
+
     def fresh() -> list[dict[str, str]]:
         return [{"role": "system", "content": system}] if system is not None else []
 
@@ -631,6 +640,14 @@ def chat_repl(
         except ValueError as e:  # llama-cpp-python: the prompt exceeds the context window
             messages.pop()
             say(f"error: {e}. Type /reset to start a new conversation.\n")
+            continue
+        except jinja2.TemplateError as e:  # the GGUF's chat template does not render this conversation
+            messages.pop()
+            say(
+                f"error: {model.steering.model_path.name}'s chat template does not render: {type(e).__name__}: "
+                f"{str(e)[:200]}. Restart without --system (or with one, if it needs one), or use a GGUF whose "
+                "template works (gguf-py's gguf_new_metadata.py --chat-template-file replaces it).\n"
+            )
             continue
         say("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
@@ -734,7 +751,121 @@ def build_app(
     def steering_info() -> dict[str, Any]:
         return info
 
+    app.add_middleware(RequestValidator, n_ctx=n_ctx)
     return app
+
+
+#: Roles a chat message may have (OpenAI's and llama-cpp-python's).
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "developer")
+#: ``max_tokens`` of a request that gives none: generation is always bounded (at most the context).
+DEFAULT_MAX_TOKENS = 512
+_MAX_BODY = 16 << 20  # bytes: a bigger request body is refused (413)
+_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/engines/copilot-codex/completions")
+
+
+def check_request(path: str, body: bytes, *, n_ctx: int) -> tuple[int, str] | dict[str, Any]:
+    """Validate a generation request's body before llama-cpp-python sees it.
+
+    Returns:
+        The request as a dict (``max_tokens`` filled in when absent: at most ``min(DEFAULT_MAX_TOKENS, n_ctx)``), or
+        ``(HTTP status, message)`` for a client error: 400 for a body that is not UTF-8 JSON, 422 for a JSON
+        object whose fields are wrong (``messages`` not a non-empty list of ``{role, content: str}``, ``prompt``
+        not text, ``max_tokens`` not an integer in 1..n_ctx, ...). Messages never contain server paths.
+    """
+    try:
+        req = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return 400, "the request body is not UTF-8"
+    except (ValueError, RecursionError) as e:
+        return 400, f"the request body is not valid JSON ({str(e)[:120]})"
+    if not isinstance(req, dict):
+        return 422, f"the request body must be a JSON object, not {type(req).__name__}"
+    if path.endswith("/chat/completions"):
+        msgs = req.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return 422, "`messages` must be a non-empty list of {role, content} objects"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                return 422, f"messages[{i}] must be an object with `role` and `content`"
+            if m.get("role") not in CHAT_ROLES:
+                return 422, f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {str(m.get('role'))[:40]!r}"
+            if not isinstance(m.get("content"), str):
+                return 422, f"messages[{i}].content must be a string"
+    else:
+        prompt = req.get("prompt", "")
+        ok = isinstance(prompt, str) or (
+            isinstance(prompt, list) and all(isinstance(x, str) or (isinstance(x, int) and x >= 0) for x in prompt)
+        )
+        if not ok:
+            return 422, "`prompt` must be a string, a list of strings or a list of token ids"
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = req.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= n_ctx:
+            return 422, f"`{key}` must be an integer in 1..{n_ctx} (the context size), got {str(v)[:40]}"
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
+        v = req.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            return 422, f"`{key}` must be a finite number"
+    if req.get("max_tokens") is None and req.get("max_completion_tokens") is None:
+        req["max_tokens"] = min(DEFAULT_MAX_TOKENS, n_ctx)
+    return req
+
+
+class RequestValidator:
+    """ASGI middleware in front of llama-cpp-python's app: client errors get 400/422 with a message (never a 500
+    or a server path), and every generation is bounded (:func:`check_request`)."""
+
+    def __init__(self, app: Any, *, n_ctx: int) -> None:
+        self.app, self.n_ctx = app, n_ctx
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _GENERATION_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > _MAX_BODY:
+                await _json_error(send, 413, f"the request body is larger than {_MAX_BODY >> 20} MiB")
+                return
+        checked = check_request(scope["path"], b"".join(chunks), n_ctx=self.n_ctx)
+        if isinstance(checked, tuple):
+            await _json_error(send, *checked)
+            return
+        body = json.dumps(checked).encode("utf-8")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _json_error(send: Any, status: int, message: str) -> None:
+    """An OpenAI-style error response."""
+    kind = "invalid_request_error"
+    payload = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _is_loopback(host: str) -> bool:

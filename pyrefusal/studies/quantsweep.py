@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from pyrefusal.common import Log, Progress
-from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
+from pyrefusal.data.embedded import resolve_data_source
+from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.reporting.quant_report import write_quant_report
 from pyrefusal.rundir import RunLock, check_config, write_config
@@ -116,6 +117,7 @@ def run_quant_sweep(
     """
     from pyrefusal.data.registry import cache_dir, cached_sha256, resolve_model
     from pyrefusal.runtime import Runtime
+    from pyrefusal.runtime.validate import validate_model_file
     from pyrefusal.steering.export import read_gguf_header
 
     config.validate()  # choices, before any file is made
@@ -126,6 +128,7 @@ def run_quant_sweep(
         raise PyrefusalError(f"file types repeat in {list(config.types)}; list each once")
     resolved = resolve_model(config.model)
     base = Path(resolved.path)
+    validate_model_file(base)  # hardening: llama.cpp aborts on impossible hyper-parameters when quantizing
     raw_ftype = read_gguf_header(base).kv.get("general.file_type")
     base_ftype = int(raw_ftype) if raw_ftype is not None else None
     requant = [n for n in names if parse_ftype(n) != base_ftype] if base_ftype not in FLOAT_FTYPES else []
@@ -146,7 +149,7 @@ def run_quant_sweep(
         extractions.mkdir(parents=True, exist_ok=True)
         (out / "variants").mkdir(exist_ok=True)
         (out / "completions").mkdir(exist_ok=True)
-        data = PolyRefuse(Path(config.data_dir) if config.data_dir else default_data_dir())
+        data = PolyRefuse(resolve_data_source(config.data_dir).path)  # --data-dir, env, fetched, embedded
         if config.source_lang not in data.languages():
             raise DataError(
                 f"language {config.source_lang!r} has no PolyRefuse files in {data.root}; run `pyrefusal data fetch` "

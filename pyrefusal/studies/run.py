@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pyrefusal.common import Log, Progress
-from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
+from pyrefusal.data.embedded import DataSource, resolve_data_source
+from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.method import intervention as iv
 from pyrefusal.method.selection import Selection, SelectionRule, refusal_token_ids
@@ -107,7 +108,9 @@ def run_pipeline(
     with RunLock(paths.root):
         _prepare_dir(paths, config, force)
 
-        data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+        source = resolve_data_source(config.data_dir)  # --data-dir, $PYREFUSAL_DATA_DIR, fetched, embedded
+        log(f"data: {source.describe()}")
+        data_dir = source.path
         data = PolyRefuse(data_dir)
         available = data.languages()  # raises a DataError with a fix when the directory is empty
         for lang in (config.source_lang, *config.target_langs):
@@ -119,7 +122,7 @@ def run_pipeline(
         timings["load_model"] = time.perf_counter() - t
         try:
             _check_model(paths, rt.sha256)
-            return _run(rt, data, config, paths, timings, t_all, log, progress)
+            return _run(rt, data, config, paths, timings, t_all, log, progress, source)
         finally:
             rt.close()
 
@@ -133,6 +136,7 @@ def _run(
     t_all: float,
     log: Log,
     progress: Progress | None,
+    source: DataSource | None = None,
 ) -> dict[str, Any]:
     """The stage sequence: sample -> extract -> select -> generate -> measure -> judge -> results.
 
@@ -192,6 +196,14 @@ def _run(
 
     # -- 4. generate --------------------------------------------------------------------------
     detector = substring_detector(config.detector)
+    blind = [lang for lang in config.target_langs if not detector.covers(lang)]
+    if blind:
+        log(
+            f"warning: the {detector.name} refusal detector has no phrases for {', '.join(blind)}: it only sees "
+            "refusals worded in the languages it knows, so its refusal rates there can read ~0% while the model "
+            "refuses. Read first_token_refusal_prob (judge-free, in results.json and report.md) for those "
+            "languages, or add --judge; results.json lists them under detector_blind_languages"
+        )
     interventions = iv.paper_conditions(direction, selection.layer, seed=config.seed)
     # The fastest exact path: on a GPU the hook costs a device sync per hooked node, so llama.cpp's
     # in-graph adapters (LoRA ablation, control vector) win; on CPU the hook costs ~nothing.
@@ -225,6 +237,10 @@ def _run(
 
     # -- 5. measure: judge-free first-token refusal, capability side effects; optional judge -----
     t = time.perf_counter()
+    log(
+        "metrics: first-token refusal probability per language and condition"
+        + (", perplexity and first-token KL per condition (--no-capability skips them)" if config.capability else "")
+    )
     metrics = Metrics(paths.metrics)
     metrics.note_test_prompts(sample.test)
     metrics.note_routes(routes)
@@ -280,6 +296,10 @@ def _run(
         judged=judged,
         timings=timings,
     )
+    if source is not None:
+        results.data["data_source"] = source.to_dict()  # which PolyRefuse copy was read (DataSource)
+    if blind:  # only when there are some, so runs on covered languages keep their results.json as before
+        results.data["detector_blind_languages"] = blind
     write_run_outputs(results, selection, completions, paths, log)
     return results.data
 

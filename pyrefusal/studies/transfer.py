@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyrefusal.common import Log, Progress
-from pyrefusal.data.polyrefuse import PolyRefuse, default_data_dir
+from pyrefusal.data.embedded import resolve_data_source
+from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError
 from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.method.selection import SelectionRule
@@ -273,7 +274,7 @@ def run_transfer(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+        data_dir = resolve_data_source(config.data_dir).path  # --data-dir, $PYREFUSAL_DATA_DIR, fetched, embedded
         data = PolyRefuse(data_dir)
         available = data.languages()  # raises a DataError with a fix when the directory is empty
         unknown = [x for x in (*config.sources, *config.targets) if x not in available]
