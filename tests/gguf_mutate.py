@@ -14,21 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
+from pyrefusal.runtime.validate import SCALAR_FORMATS
 
-_FMT = {
-    gguf.GGUFValueType.UINT8: "<B",
-    gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I",
-    gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f",
-    gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
+_FMT = SCALAR_FORMATS
 
 
 def value_offset(data: bytes, key: str) -> tuple[int, int]:

@@ -44,7 +44,8 @@ _GGUF_VERSION = getattr(gguf, "__version__", "(version unknown)")  # not every g
 _MAX_DEPTH = 8  # nesting of GGUF arrays of arrays
 _FIX = "re-download or re-convert the model (e.g. with llama.cpp's convert_hf_to_gguf.py)"
 
-_SCALARS: dict[int, str] = {
+SCALAR_FORMATS: dict[int, str] = {
+    # struct format of each scalar GGUF metadata type (little-endian)
     gguf.GGUFValueType.UINT8: "<B",
     gguf.GGUFValueType.INT8: "<b",
     gguf.GGUFValueType.UINT16: "<H",
@@ -188,16 +189,16 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> RawGGUF:
                 need(12 * count, f"array {key} ({count} arrays)")
                 for _ in range(count):
                     value(etype, key, depth + 1)
-            elif etype in _SCALARS:
-                n = count * struct.calcsize(_SCALARS[etype])
+            elif etype in SCALAR_FORMATS:
+                n = count * struct.calcsize(SCALAR_FORMATS[etype])
                 need(n, f"array {key} ({count} values)")
                 pos += n
             else:
                 raise _fail(path, f"metadata {key}: unknown array element type {etype}")
             return ArrayInfo(etype, count)
-        if vtype not in _SCALARS:
+        if vtype not in SCALAR_FORMATS:
             raise _fail(path, f"metadata {key}: unknown value type {vtype}")
-        return take(_SCALARS[vtype], f"value of {key}")
+        return take(SCALAR_FORMATS[vtype], f"value of {key}")
 
     if bytes(buf[:4]) != b"GGUF":
         raise _fail(path, "not a GGUF file (bad magic)", "pass a .gguf model file")

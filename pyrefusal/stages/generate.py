@@ -106,36 +106,63 @@ def generate_completions(
     used = router.arm(runtime, intervention, path=path)
     if routes is not None:
         routes[intervention.name] = used
-    out: list[Completion] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            gens = runtime.generate([runtime.chat_tokens(p.text, system) for p in chunk], max_new_tokens)
-            batch = []
-            for p, g in zip(chunk, gens, strict=True):
-                v = detector.judge(g.text, p.lang)
-                onset = refusal_onset(runtime, g.tokens, p.lang, detector) if v.refused else None
-                batch.append(
-                    Completion(
-                        prompt_id=p.id,
-                        lang=p.lang,
-                        kind=p.kind,
-                        condition=intervention.name,
-                        prompt=p.text,
-                        response=g.text,
-                        n_tokens=len(g.tokens),
-                        finish_reason=g.finish_reason,
-                        refused=v.refused,
-                        marker=v.marker,
-                        detector=v.detector,
-                        refusal_token=onset,
-                    )
-                )
-            out += batch
-            if on_batch is not None:
-                on_batch(batch)
+        return complete_armed(
+            runtime,
+            prompts,
+            intervention.name,
+            detector,
+            max_new_tokens=max_new_tokens,
+            system=system,
+            batch_size=batch_size,
+            on_batch=on_batch,
+        )
     finally:
         runtime.clear_plan()
+
+
+def complete_armed(
+    runtime: ModelRunner,
+    prompts: Sequence[Prompt],
+    condition: str,
+    detector: RefusalDetector,
+    *,
+    max_new_tokens: int,
+    system: str | None = None,
+    batch_size: int = 16,
+    on_batch: Callable[[list[Completion]], None] | None = None,
+) -> list[Completion]:
+    """Greedy completions of ``prompts`` with whatever ``runtime`` has armed, judged by ``detector`` and labelled
+    ``condition``, in batches of ``batch_size`` (each finished batch goes to ``on_batch``). Arming and disarming
+    are the caller's (:func:`generate_completions` arms an intervention through the router; the optimizer arms a
+    trial's adapter)."""
+    out: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = runtime.generate([runtime.chat_tokens(p.text, system) for p in chunk], max_new_tokens)
+        batch = []
+        for p, g in zip(chunk, gens, strict=True):
+            v = detector.judge(g.text, p.lang)
+            onset = refusal_onset(runtime, g.tokens, p.lang, detector) if v.refused else None
+            batch.append(
+                Completion(
+                    prompt_id=p.id,
+                    lang=p.lang,
+                    kind=p.kind,
+                    condition=condition,
+                    prompt=p.text,
+                    response=g.text,
+                    n_tokens=len(g.tokens),
+                    finish_reason=g.finish_reason,
+                    refused=v.refused,
+                    marker=v.marker,
+                    detector=v.detector,
+                    refusal_token=onset,
+                )
+            )
+        out += batch
+        if on_batch is not None:
+            on_batch(batch)
     return out
 
 

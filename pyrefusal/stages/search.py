@@ -31,7 +31,7 @@ from pyrefusal.method.kernel import Kernel, interpolate_layers, mean_direction
 from pyrefusal.method.refusal import RefusalDetector
 from pyrefusal.method.selection import kl_divergence, log_softmax
 from pyrefusal.runtime import Runtime
-from pyrefusal.stages.generate import Completion, append_jsonl, read_jsonl, refusal_onset
+from pyrefusal.stages.generate import Completion, append_jsonl, complete_armed, read_jsonl
 from pyrefusal.steering.weighted import (
     WeightedAblation,
     WriterRows,
@@ -402,31 +402,22 @@ def generate_condition(
     todo = [p for p in prompts if (p.id, condition) not in have]
     if todo:
         arm()
+
+        def keep(batch: list[Completion]) -> None:
+            append_jsonl(completions_path, batch)  # a killed study keeps what it generated
+            have.update({(c.prompt_id, c.condition): c for c in batch})
+
         try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                gens = runtime.generate([runtime.chat_tokens(p.text, system) for p in chunk], max_new_tokens)
-                batch = []
-                for p, g in zip(chunk, gens, strict=True):
-                    v = detector.judge(g.text, p.lang)
-                    batch.append(
-                        Completion(
-                            prompt_id=p.id,
-                            lang=p.lang,
-                            kind=p.kind,
-                            condition=condition,
-                            prompt=p.text,
-                            response=g.text,
-                            n_tokens=len(g.tokens),
-                            finish_reason=g.finish_reason,
-                            refused=v.refused,
-                            marker=v.marker,
-                            detector=v.detector,
-                            refusal_token=refusal_onset(runtime, g.tokens, p.lang, detector) if v.refused else None,
-                        )
-                    )
-                append_jsonl(completions_path, batch)
-                have.update({(c.prompt_id, c.condition): c for c in batch})
+            complete_armed(
+                runtime,
+                todo,
+                condition,
+                detector,
+                max_new_tokens=max_new_tokens,
+                system=system,
+                batch_size=batch_size,
+                on_batch=keep,
+            )
         finally:
             runtime.clear_plan()
     return [have[(p.id, condition)] for p in prompts]
