@@ -446,7 +446,8 @@ def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model
         chosen = None if paper else load_pick(run_dir)
         if chosen is not None:
             ablation, record = chosen
-            out = output or run_dir / f"refusal-optimize-trial{record['trial']}-lora.gguf"
+            suffix = "-no-embd" if skip_embeddings else ""
+            out = output or run_dir / f"refusal-optimize-trial{record['trial']}-lora{suffix}.gguf"
             export_weighted_lora(
                 resolved.path,
                 ablation,
@@ -609,6 +610,16 @@ def serve(
             coeff=coeff,
             model_path=model,
             allow_inexact=allow_inexact,
+        )
+        d = st.describe()
+        click.echo(
+            f"serving {run_dir} on http://{host}:{port}/v1: model {Path(st.model_path).name}, "
+            f"intervention {d['intervention']} by {d['path']}"
+            + (f" ({Path(d['file']).name})" if d["file"] else "")
+            + (f", control-vector layers {d['cvec_layers']}" if d["cvec_layers"] else "")
+            + ("" if d["exact"] else ", NOT exact")
+            + "; GET /pyrefusal/steering describes it",
+            err=True,
         )
         serve_app(
             st.model_path,

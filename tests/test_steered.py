@@ -290,9 +290,31 @@ def test_server_refuses_bad_requests_and_bounds_generation(tiny_model, ablated):
         assert 0 < resp.json()["usage"]["completion_tokens"] <= 256
         resp = client.post(url, json={"messages": user, "temperature": 0, "max_tokens": 3})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 3
-        assert client.get("/v1/models").status_code == 200  # other routes pass through untouched
+        models = client.get("/v1/models")  # other routes pass through untouched
+        assert models.status_code == 200
+        ids = [m["id"] for m in models.json()["data"]]
+        assert ids and all("/" not in i for i in ids), ids  # the file's name, not its path on the server
 
 
 def test_chat_repl_refuses_unbounded_replies(ablated):
     with pytest.raises(SteeringError, match="max_tokens must be a whole number >= 1"):
         chat_repl(ablated, max_tokens=0, input_fn=lambda _: "/quit", output=io.StringIO())
+
+
+def test_serve_says_what_it_serves(tiny_model, r, tmp_path, monkeypatch):
+    """`pyrefusal serve` names the run, the model file, the intervention and its path before it listens."""
+    from click.testing import CliRunner
+
+    from pyrefusal.cli import main
+    from pyrefusal.steering import steered
+
+    path = tiny_model[0]
+    run = _fake_run(tmp_path / "run", path, r, sha256=cached_sha256(path))
+    served: dict = {}
+    monkeypatch.setattr(steered, "serve", lambda *a, **kw: served.update(args=a, kwargs=kw))
+    result = CliRunner().invoke(main, ["serve", str(run), "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    assert served["args"][0] == path and served["kwargs"]["port"] == 8123
+    line = result.output.strip().splitlines()[0]
+    assert f"serving {run} on http://127.0.0.1:8123/v1" in line and path.name in line
+    assert "intervention ablation by lora" in line and "NOT exact" not in line

@@ -694,7 +694,7 @@ def build_app(
         control_vector: llama.cpp layer ``N`` -> ``(n_embd,)`` (e.g. :attr:`Steering.control_vector`).
         n_ctx: context size.
         n_gpu_layers: layers to offload (-1 = all).
-        model_alias: the model name clients see (default: the file path).
+        model_alias: the model name clients see (default: the file's name, never its path on this machine).
         api_key: require this bearer token (recommended when not bound to localhost).
         verbose: llama.cpp's loading log.
         describe: JSON-able description served at ``GET /pyrefusal/steering`` (e.g.
@@ -725,7 +725,7 @@ def build_app(
         lora_path=str(lora_path) if lora_path is not None else None,
         n_ctx=n_ctx,
         n_gpu_layers=n_gpu_layers,
-        model_alias=model_alias,
+        model_alias=model_alias or Path(model_path).name,
         verbose=verbose,
         **model_settings,
     )
