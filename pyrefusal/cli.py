@@ -387,6 +387,13 @@ def _provenance(results: RunResults, run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _check_output(output: Path | None, force: bool) -> None:
+    """An export never silently replaces a file the user named with ``-o`` (it may be another export): the
+    default names say what they hold and are replaced by the same export run again."""
+    if output is not None and output.exists() and not force:
+        raise PyrefusalError(f"{output} exists; pass --force to replace it, or choose another -o")
+
+
 @export.command("cvec")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--layer", type=int, default=None, help="Block input to steer (default: the selected layer; >= 2).")
@@ -399,11 +406,15 @@ def _provenance(results: RunResults, run_dir: Path) -> dict[str, Any]:
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
-def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace the file given with -o if it exists.")
+def export_cvec(
+    run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None, force: bool
+) -> None:
     """Control-vector GGUF (llama.cpp --control-vector): ADDS coeff*r at one layer."""
     from pyrefusal.steering.export import cvec_layer, export_control_vector
 
     try:
+        _check_output(output, force)
         resolved, r, results = _run_artifacts(run_dir, model)
         block = results.direction.layer if layer is None else layer
         il = cvec_layer(block)
@@ -432,7 +443,10 @@ def export_cvec(run_dir: Path, layer: int | None, coeff: float, output: Path | N
 )
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
 @click.option("--paper", is_flag=True, help="Export the run's own direction even when `optimize --pick` chose a trial.")
-def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None, paper: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace the file given with -o if it exists.")
+def export_lora(
+    run_dir: Path, output: Path | None, skip_embeddings: bool, model: str | None, paper: bool, force: bool
+) -> None:
     """Rank-1 LoRA GGUF (llama.cpp --lora) that ablates the direction on the unchanged quantized base.
 
     When `pyrefusal optimize RUN_DIR --pick N` wrote RUN_DIR/optimize/pick.json, that trial's partial-weight
@@ -442,6 +456,7 @@ def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model
     from pyrefusal.studies.optimize import load_pick
 
     try:
+        _check_output(output, force)
         resolved, r, results = _run_artifacts(run_dir, model)
         chosen = None if paper else load_pick(run_dir)
         if chosen is not None:
@@ -482,6 +497,7 @@ def export_lora(run_dir: Path, output: Path | None, skip_embeddings: bool, model
 @click.option("--allow-requantize", is_flag=True, help="Allow --out-type on an already-quantized base.")
 @click.option("--no-validate", is_flag=True, help="Skip comparing the merged model with the hook-ablated base.")
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+@click.option("--force", is_flag=True, help="Replace the file given with -o if it exists.")
 def export_merged_cmd(
     run_dir: Path,
     output: Path | None,
@@ -489,11 +505,13 @@ def export_merged_cmd(
     allow_requantize: bool,
     no_validate: bool,
     model: str | None,
+    force: bool,
 ) -> None:
     """Orthogonalized full GGUF (writers W <- W - r̂r̂ᵀW), requantized; reports the requantization error."""
     from pyrefusal.steering.merge import export_merged
 
     try:
+        _check_output(output, force)
         resolved, r, results = _run_artifacts(run_dir, model)
         out = output or run_dir / "refusal-ablated-merged.gguf"
         report = export_merged(

@@ -348,6 +348,17 @@ def test_export_cli_files_reproduce_the_hook(tiny_model, polyrefuse_dir, tmp_pat
     r = runner.invoke(main, ["export", "merged", str(out), "-o", str(tmp_path / "merged.gguf")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "merged.report.json").exists()
+    # a file named with -o is never replaced silently (it may be another export): --force replaces it
+    before = (tmp_path / "abl.gguf").read_bytes()
+    (tmp_path / "taken.gguf").write_bytes(before)
+    taken = ["-o", str(tmp_path / "taken.gguf")]
+    for args in (["lora"], ["cvec", "--layer", "2"], ["merged"]):
+        r = runner.invoke(main, ["export", args[0], str(out), *args[1:], *taken])
+        assert r.exit_code == 2 and "exists; pass --force" in r.output, (args, r.output)
+    assert (tmp_path / "taken.gguf").read_bytes() == before
+    r = runner.invoke(main, ["export", "lora", str(out), "--skip-embeddings", "--force", *taken])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "taken.gguf").read_bytes() != before
     r = runner.invoke(main, ["chat", str(out), "--max-tokens", "4"], input="hello\n/quit\n")
     assert r.exit_code == 0, r.output
     assert '"path": "lora"' in r.output  # the chat model carries the ablation LoRA
