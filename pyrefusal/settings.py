@@ -30,11 +30,13 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from typing_extensions import Self
 
 from pyrefusal.errors import PyrefusalError
+from pyrefusal.rundir import check_config
 
 __all__ = [
     "CONDITIONS",
@@ -203,6 +205,9 @@ class Settings:
         n_ctx / n_seq_max / n_threads: runtime settings.
     """
 
+    #: Whether a key missing from an older ``config.json`` is taken to have had its default (so older
+    #: directories resume); False: it counts as a changed setting.
+    MISSING_KEYS_TAKE_DEFAULTS: ClassVar[bool] = True
     #: The order of ``config.json``'s keys (:meth:`to_dict`); every field, each once.
     KEYS: ClassVar[tuple[str, ...]] = (
         "model",
@@ -279,6 +284,22 @@ class Settings:
     def resumable_keys(cls) -> frozenset[str]:
         """Fields a finished or interrupted run may be resumed with another value of."""
         return frozenset(f.name for f in dataclasses.fields(cls) if cls.spec(f.name).resumable)
+
+    def check_directory(self, out: Path, *, what: str, force: bool) -> dict[str, Any]:
+        """Refuse to resume ``out`` (its ``config.json``) under other settings, by this class's resume rules
+        (:func:`pyrefusal.rundir.check_config`); returns the settings as the JSON values ``config.json`` holds.
+
+        ``what`` names the job in the message ("run", "transfer run"); ``force`` skips the comparison (the study
+        clears its outputs)."""
+        return check_config(
+            out,
+            self.to_dict(),
+            what=what,
+            force=force,
+            resumable=self.resumable_keys(),
+            defaults=self.defaults() if self.MISSING_KEYS_TAKE_DEFAULTS else None,
+            options=self.option_names(),
+        )
 
     @classmethod
     def defaults(cls) -> dict[str, object]:
@@ -717,6 +738,8 @@ class QuantSweepSettings(Settings):
     which are not part of the results.
     """
 
+    # as before the settings model: a key missing from an older sweep's config.json counts as a changed setting
+    MISSING_KEYS_TAKE_DEFAULTS: ClassVar[bool] = False
     KEYS: ClassVar[tuple[str, ...]] = (
         "model",
         "types",

@@ -35,7 +35,7 @@ from pyrefusal.method.directions import Candidates
 from pyrefusal.method.selection import Selection, SelectionError, SelectionRule, refusal_token_ids
 from pyrefusal.reporting.optimize_report import write_optimize_report
 from pyrefusal.results import RunResults
-from pyrefusal.rundir import RunLock, check_config, write_atomic, write_config
+from pyrefusal.rundir import RunLock, write_atomic, write_config
 from pyrefusal.runtime import Runtime
 from pyrefusal.settings import OptimizeSettings, RunSettings
 from pyrefusal.stages.direction import extract_direction
@@ -277,15 +277,7 @@ def run_optimize(
 
     paths.root.mkdir(parents=True, exist_ok=True)
     with RunLock(paths.root):
-        check_config(
-            paths.root,
-            config.to_dict(),
-            what="optimize study",
-            force=force,
-            resumable=config.resumable_keys(),
-            defaults=config.defaults(),
-            options=config.option_names(),
-        )
+        config.check_directory(paths.root, what="optimize study", force=force)
         if force:
             for p in (paths.study_db, paths.trials, paths.completions, paths.pick, paths.pick_test, paths.reference):
                 p.unlink(missing_ok=True)

@@ -45,7 +45,7 @@ from pyrefusal.data.embedded import resolve_data_source
 from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.reporting.quant_report import write_quant_report
-from pyrefusal.rundir import RunLock, check_config, write_config
+from pyrefusal.rundir import RunLock, write_config
 from pyrefusal.settings import DEFAULT_TYPES, QuantSweepConfig
 from pyrefusal.stages.crossapply import transfer_matrix
 from pyrefusal.stages.direction import LanguageDirection
@@ -70,16 +70,7 @@ def _settings_key(config: QuantSweepConfig) -> str:
 
 
 def _check_config(out: Path, config: QuantSweepConfig, force: bool) -> None:
-    # resumable: declared by the fields of pyrefusal.settings.QuantSweepSettings. As before, no defaults: a key
-    # missing from an older sweep's config.json counts as a changed setting.
-    new = check_config(
-        out,
-        config.to_dict(),
-        what="sweep",
-        force=force,
-        resumable=config.resumable_keys(),
-        options=config.option_names(),
-    )
+    new = config.check_directory(out, what="sweep", force=force)
     if force:
         for sub in ("variants", "completions"):
             shutil.rmtree(out / sub, ignore_errors=True)

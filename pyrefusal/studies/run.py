@@ -34,7 +34,7 @@ from pyrefusal.method import intervention as iv
 from pyrefusal.method.selection import Selection, SelectionRule, refusal_token_ids
 from pyrefusal.reporting.report import write_run_outputs
 from pyrefusal.results import RunResults
-from pyrefusal.rundir import RunLock, check_config, write_atomic, write_config
+from pyrefusal.rundir import RunLock, write_atomic, write_config
 from pyrefusal.runtime import Runtime
 from pyrefusal.settings import CONDITIONS, RunConfig  # noqa: F401  (CONDITIONS: importable from here as before)
 from pyrefusal.stages.extract import extract_stage
@@ -49,15 +49,7 @@ from pyrefusal.stages.select import select_stage
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
     """Refuse a directory that holds a run of another configuration; with ``force`` clear it."""
-    check_config(
-        paths.root,
-        config.to_dict(),
-        what="run",
-        force=force,
-        resumable=config.resumable_keys(),  # declared by the settings' fields (RunSettings)
-        defaults=config.defaults(),
-        options=config.option_names(),
-    )
+    config.check_directory(paths.root, what="run", force=force)
     if force:
         for p in (
             paths.prompts,

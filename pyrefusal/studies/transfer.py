@@ -51,11 +51,12 @@ from pyrefusal.errors import DataError
 from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.method.selection import SelectionRule
 from pyrefusal.reporting.transfer_report import write_transfer_report
-from pyrefusal.rundir import RunLock, check_config, previous_timings, write_atomic, write_config
+from pyrefusal.rundir import RunLock, previous_timings, write_atomic, write_config
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import TransferConfig
 from pyrefusal.stages.crossapply import CONTROL_ROW, TransferResult, condition_name, quiet, transfer_matrix
 from pyrefusal.stages.direction import LanguageDirection, extract_direction, load_language_directions
+from pyrefusal.stages.generate import substring_detector
 from pyrefusal.stages.geometry import (
     PCAResult,
     compare_directions,
@@ -219,15 +220,7 @@ def extract_language_directions(
 def _check_config(out: Path, config: TransferConfig, force: bool) -> None:
     """Refuse an ``out`` that holds a transfer run of other settings (the resumable ones, declared by
     :class:`pyrefusal.settings.TransferSettings`, may differ); with ``force`` clear its results."""
-    new = check_config(
-        out,
-        config.to_dict(),
-        what="transfer run",
-        force=force,
-        resumable=config.resumable_keys(),
-        defaults=config.defaults(),
-        options=config.option_names(),
-    )
+    new = config.check_directory(out, what="transfer run", force=force)
     if force:
         for name in ("completions.jsonl", "transfer.json", "report.md"):
             (out / name).unlink(missing_ok=True)
@@ -287,7 +280,7 @@ def run_transfer(
         t = time.perf_counter()
         rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before any extraction
         timings["load_model"] = time.perf_counter() - t
-        detector = SubstringDetector(mode="paper" if config.detector == "paper" else "multilingual")
+        detector = substring_detector(config.detector)
         try:
             t = time.perf_counter()
             directions = extract_language_directions(
