@@ -62,6 +62,43 @@ def _progress_bars() -> Any:
     return progress
 
 
+LOCAL_RAY = "local"
+
+
+def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--ray [ADDRESS]`` and ``--ray-workers N``: spread the study's work over a Ray cluster (pyrefusal.cluster)."""
+    fn = click.option(
+        "--ray-workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --ray: model replicas (default: one per GPU, or one per --threads CPU cores).",
+    )(fn)
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value=LOCAL_RAY,
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run the model work on a Ray cluster: --ray alone starts a local Ray instance (or joins $RAY_ADDRESS), "
+        "--ray ADDRESS joins a running one (ray start --head). Same files and results as without it; needs "
+        "pip install 'pyrefusal[ray]'.",
+    )(fn)
+
+
+def _cluster(kw: dict[str, Any]) -> Any:
+    """The :class:`~pyrefusal.cluster.pool.ClusterSpec` of ``--ray`` / ``--ray-workers``, or None without --ray."""
+    address = kw.pop("ray_address", None)
+    workers = kw.pop("ray_workers", None)
+    if address is None:
+        if workers is not None:
+            raise click.UsageError("--ray-workers needs --ray")
+        return None
+    from pyrefusal.cluster.pool import ClusterSpec
+
+    return ClusterSpec(address=None if address == LOCAL_RAY else address, workers=workers)
+
+
 def _study(study: Callable[..., Any], config: Settings, out: Path, *, print_report: bool = True, **kwargs: Any) -> Any:
     """Run a study with the CLI's log and progress bars, print its ``report.md`` (unless ``print_report`` is
     false); exit 2 with the message on a :class:`PyrefusalError`."""
@@ -236,13 +273,15 @@ def doctor() -> None:
     "+ ablation, --prompt-format paper) unless an option is given explicitly; quick = the defaults shown (minutes "
     "on a CPU).",
 )
+@ray_options
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
     """Extract, select and evaluate the refusal direction, end to end (resumable)."""
     from pyrefusal.studies.run import run_pipeline
 
+    cluster = _cluster(kw)
     config = settings_from_options(RunSettings, kw, ctx, preset=kw["preset"])
-    results = _study(run_pipeline, config, kw["out"], force=kw["force"], print_report=False)
+    results = _study(run_pipeline, config, kw["out"], force=kw["force"], print_report=False, cluster=cluster)
     click.echo(_run_summary(RunResults(results), Path(kw["out"])))  # short: report.md holds the rest
 
 
@@ -273,13 +312,15 @@ def report(run_dir: Path, quiet: bool) -> None:
 )
 @click.option("--force", is_flag=True)
 @click.option("--no-plots", is_flag=True)
+@ray_options
 @click.pass_context
 def transfer(ctx: click.Context, **kw: Any) -> None:
     """Directions from several source languages, the source x target transfer matrix, cosines, plots."""
     from pyrefusal.studies.transfer import run_transfer
 
+    cluster = _cluster(kw)
     config = settings_from_options(TransferSettings, kw, ctx)
-    _study(run_transfer, config, kw["out"], force=kw["force"], plots=not kw["no_plots"])
+    _study(run_transfer, config, kw["out"], force=kw["force"], plots=not kw["no_plots"], cluster=cluster)
 
 
 @main.command("quant-sweep")
@@ -288,13 +329,15 @@ def transfer(ctx: click.Context, **kw: Any) -> None:
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quant-sweep"), show_default=True
 )
 @click.option("--force", is_flag=True)
+@ray_options
 @click.pass_context
 def quant_sweep(ctx: click.Context, **kw: Any) -> None:
     """Quantization variants of one model: direction per type, cross-applied, cosines, report."""
     from pyrefusal.studies.quantsweep import run_quant_sweep
 
+    cluster = _cluster(kw)
     config = settings_from_options(QuantSweepSettings, kw, ctx)
-    _study(run_quant_sweep, config, kw["out"], force=kw["force"])
+    _study(run_quant_sweep, config, kw["out"], force=kw["force"], cluster=cluster)
 
 
 @main.command()

@@ -58,6 +58,24 @@ class Candidates:
             self.n_harmless,
         )
 
+    @classmethod
+    def from_means(
+        cls,
+        harmful_mean: np.ndarray,
+        harmless_mean: np.ndarray,
+        positions: tuple[int, ...],
+        n_harmful: int,
+        n_harmless: int,
+    ) -> Candidates:
+        """Candidates from the two class means (float64 ``(n_positions, n_layers, n_embd)``), e.g. merged from
+        chunk sums computed on several model replicas; the same checks as :func:`mean_difference`."""
+        if n_harmful == 0 or n_harmless == 0:
+            raise PyrefusalError("need at least one harmful and one harmless prompt to compute a direction")
+        diff = harmful_mean - harmless_mean
+        if not np.all(np.isfinite(diff)):
+            raise PyrefusalError("NaN/inf in the mean difference; the model produced non-finite activations")
+        return cls(diff, tuple(positions), harmful_mean, harmless_mean, n_harmful, n_harmless)
+
     def save(self, path: Path) -> None:
         np.savez(
             path,

@@ -19,7 +19,7 @@ import llama_cpp  # noqa: F401  (first: llama_cpp before numpy/gguf in CUDA proc
 
 from pyrefusal.runtime.adapters import GraphAdapters
 from pyrefusal.runtime.chat import ChatPrompts
-from pyrefusal.runtime.decode import Decoder, Generation, Timings
+from pyrefusal.runtime.decode import Decoder, Generation, Timings, decode_groups
 from pyrefusal.runtime.hook import HookBinding, PlanEntry
 from pyrefusal.runtime.protocol import ModelRunner
 from pyrefusal.runtime.runtime import (
@@ -49,5 +49,6 @@ __all__ = [
     "Runtime",
     "Timings",
     "build_info",
+    "decode_groups",
     "gpu_offload_supported",
 ]

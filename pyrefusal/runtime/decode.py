@@ -52,6 +52,28 @@ class Timings:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def decode_groups(lengths: Sequence[int], extra: int, *, n_seq_max: int, n_ctx: int) -> list[list[int]]:
+    """Split prompt indices into the groups one context decodes together: consecutive prompts, at most
+    ``n_seq_max`` per group, their tokens (each prompt's length + ``extra``) within ``n_ctx``.
+
+    The grouping is part of the results (batch shapes), so work split over several replicas
+    (:mod:`pyrefusal.stages.shards`) is cut along these groups.
+    """
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        need = n + extra
+        if cur and (len(cur) >= n_seq_max or used + need > n_ctx):
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += need
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 class Decoder:
     """Batched decoding of token sequences on one context, with pyrefusal's hook driven around each decode.
 
@@ -123,24 +145,13 @@ class Decoder:
         return self._ctx.logits(n_out)  # (n_out, n_vocab) view, float32
 
     def _groups(self, lengths: Sequence[int], extra: int) -> list[list[int]]:
-        """Split sequence indices into groups that fit n_seq_max and the KV cache."""
-        groups: list[list[int]] = []
-        cur: list[int] = []
-        used = 0
-        for i, n in enumerate(lengths):
-            need = n + extra
-            if need > self.n_ctx:
+        """Split sequence indices into groups that fit n_seq_max and the KV cache (:func:`decode_groups`)."""
+        for n in lengths:
+            if n + extra > self.n_ctx:
                 raise PyrefusalError(
                     f"a prompt of {n} tokens (+{extra} to generate) does not fit n_ctx={self.n_ctx}; raise n_ctx"
                 )
-            if cur and (len(cur) >= self.n_seq_max or used + need > self.n_ctx):
-                groups.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += need
-        if cur:
-            groups.append(cur)
-        return groups
+        return decode_groups(lengths, extra, n_seq_max=self.n_seq_max, n_ctx=self.n_ctx)
 
     def _prefill(
         self,

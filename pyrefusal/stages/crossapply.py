@@ -27,6 +27,7 @@ from pyrefusal.settings import TRANSFER_CONDITIONS
 from pyrefusal.stages.direction import LanguageDirection
 from pyrefusal.stages.generate import generate_stage, read_jsonl
 from pyrefusal.stages.sample import sample_test_prompts
+from pyrefusal.stages.shards import Shards
 
 __all__ = ["CONTROL_ROW", "TransferResult", "condition_name", "transfer_matrix"]
 
@@ -108,6 +109,7 @@ def transfer_matrix(
     progress: Progress | None = None,
     log: Log = quiet,
     control: bool = False,
+    shards: Shards | None = None,
 ) -> TransferResult:
     """Refusal rate of every target with every source direction ablated, plus the baselines.
 
@@ -119,6 +121,8 @@ def transfer_matrix(
     (row :data:`CONTROL_ROW`). Completions are appended to ``completions_path`` batch by batch; a
     (condition, prompt id) pair already in the file is not generated again (resume). Rates are
     computed from the file, re-judging responses whose stored detector differs from ``detector``.
+
+    ``shards`` spreads the generation over model replicas (:func:`~pyrefusal.stages.generate.generate_stage`).
 
     Returns:
         the :class:`TransferResult`.
@@ -147,6 +151,7 @@ def transfer_matrix(
         progress=progress,
         stage="transfer generation",
         log=log,
+        shards=shards,
     )
     wanted = {p.id: t for t, ps in prompts.items() for p in ps}
     row_of = {inter.name: row for row, inter in rows}  # completion condition -> matrix row

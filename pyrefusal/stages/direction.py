@@ -28,6 +28,7 @@ from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.extract import extract_stage, load_activations, save_activations
 from pyrefusal.stages.layout import DirectionFiles, PromptRecord
 from pyrefusal.stages.select import select_stage
+from pyrefusal.stages.shards import Shards
 from pyrefusal.stages.tokens import RefusalTokens
 
 __all__ = ["LanguageDirection", "extract_direction", "load_language_directions"]
@@ -136,6 +137,7 @@ def extract_direction(
     log: Log,
     label: str | None = None,
     seconds: dict[str, float] | None = None,
+    shards: Shards | None = None,
 ) -> LanguageDirection:
     """Extract (stage 2) and select (stage 3) the refusal direction of one language, reusing ``files``.
 
@@ -155,6 +157,7 @@ def extract_direction(
         log: messages, prefixed with ``label`` (default ``lang``).
         seconds: filled with ``"candidates"`` and ``"selection"`` wall times as each stage finishes (also
             when selection then fails).
+        shards: spread capture and candidate scoring over model replicas (:mod:`pyrefusal.stages.shards`).
 
     Raises:
         SelectionError: no candidate passed the rule.
@@ -172,6 +175,7 @@ def extract_direction(
         positions=positions,
         keep_activations=keep_activations,
         label=label,
+        shards=shards,
     )
     if seconds is not None:
         seconds["candidates"] = time.perf_counter() - t
@@ -190,6 +194,7 @@ def extract_direction(
         progress=progress,
         log=log,
         label=label,
+        shards=shards,
     )
     if seconds is not None:
         seconds["selection"] = time.perf_counter() - t

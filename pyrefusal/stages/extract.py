@@ -28,8 +28,9 @@ from pyrefusal.common import Log
 from pyrefusal.data.polyrefuse import Prompt
 from pyrefusal.method.directions import Candidates, mean_difference
 from pyrefusal.method.selection import refusal_scores
-from pyrefusal.runtime import ModelRunner
+from pyrefusal.runtime import ModelRunner, decode_groups
 from pyrefusal.stages.layout import DirectionFiles, PromptRecord
+from pyrefusal.stages.shards import Shards
 
 #: Below this many prompts of a class after filtering, the unfiltered set is used.
 MIN_FILTERED = 4
@@ -100,6 +101,82 @@ class TrainCandidates:
     harmless_acts: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class CaptureSums:
+    """What one extraction unit (:func:`capture_unit`) returns: enough to merge chunks exactly.
+
+    Attributes:
+        scores: the refusal score of each prompt of the chunk, float64 ``(n,)`` (the filter decides on all chunks).
+        sum_all: float64 sum of the chunk's activations, ``(n_positions, n_layers, n_embd)``.
+        sum_kept: the same over the prompts the filter's sign rule keeps (``score > 0`` or ``< 0``).
+        acts: the activations themselves, float32 ``(n, n_positions, n_layers, n_embd)``, or None.
+    """
+
+    scores: np.ndarray
+    sum_all: np.ndarray
+    sum_kept: np.ndarray
+    acts: np.ndarray | None = None
+
+
+def capture_unit(
+    runtime: ModelRunner,
+    tokens: list[list[int]],
+    positions: tuple[int, ...],
+    refusal_ids: list[int],
+    keep_positive: bool,
+    keep_activations: bool,
+) -> CaptureSums:
+    """Extraction unit: capture one chunk of prompts (one decode group) and return its float64 sums.
+
+    A difference in means is exactly mergeable: the driver adds the chunks' sums in chunk order and divides by
+    the counts (:meth:`~pyrefusal.method.directions.Candidates.from_sums`).
+    """
+    acts, logits = runtime.capture(tokens, positions, layers=range(runtime.n_layer))
+    # acts: (n, n_positions, n_layers, n_embd) float32; logits: (n, n_vocab)
+    scores = refusal_scores(logits, refusal_ids)  # (n,) float64
+    kept = scores > 0 if keep_positive else scores < 0
+    return CaptureSums(
+        scores=scores,
+        sum_all=acts.sum(axis=0, dtype=np.float64),
+        sum_kept=acts[kept].sum(axis=0, dtype=np.float64),
+        acts=acts if keep_activations else None,
+    )
+
+
+def _sharded_sums(
+    shards: Shards,
+    runtime: ModelRunner,
+    tokens: Sequence[list[int]],
+    positions: tuple[int, ...],
+    refusal_ids: Sequence[int],
+    keep_positive: bool,
+    keep_activations: bool,
+) -> list[CaptureSums]:
+    """Run :func:`capture_unit` over the decode groups of ``tokens``; the chunks' sums in chunk order."""
+    groups = decode_groups([len(t) for t in tokens], 0, n_seq_max=runtime.n_seq_max, n_ctx=runtime.n_ctx)
+    units = [
+        ([list(tokens[i]) for i in g], positions, list(refusal_ids), keep_positive, keep_activations) for g in groups
+    ]
+    out: list[CaptureSums | None] = [None] * len(units)
+    for i, part in shards.map(capture_unit, units, label="extraction"):
+        out[i] = part
+    return [p for p in out if p is not None]
+
+
+def _merged_mean(parts: Sequence[CaptureSums], mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The mean over the prompts ``mask`` keeps, from the chunks' sums: ``(mean float64 (P, L, E), count)``.
+
+    ``mask`` is either all True (no filter, or the filter fell back to every prompt) or the sign rule each chunk
+    applied in :func:`capture_unit`.
+    """
+    use_all = bool(mask.all())
+    total = parts[0].sum_all * 0.0
+    for p in parts:
+        total = total + (p.sum_all if use_all else p.sum_kept)
+    n = int(mask.sum())
+    return total / n, n
+
+
 def extract_candidates(
     runtime: ModelRunner,
     harmful: Sequence[list[int]],
@@ -111,6 +188,7 @@ def extract_candidates(
     log: Log,
     label: str = "",
     keep_activations: bool = False,
+    shards: Shards | None = None,
 ) -> TrainCandidates:
     """Capture the block inputs of the train prompts, filter them, and take the mean difference.
 
@@ -124,7 +202,13 @@ def extract_candidates(
         log: progress messages.
         label: prefix of the filter's messages (a language code).
         keep_activations: also return the captured activations.
+        shards: spread the capture over model replicas (one unit per decode group, merged by float64 sums);
+            None: this process, as before.
     """
+    if shards is not None:
+        return _extract_sharded(
+            shards, runtime, harmful, harmless, positions, refusal_ids, filter, log, label, keep_activations
+        )
     layers = range(runtime.n_layer)  # block inputs 0..L-1
     harm, harm_logits = runtime.capture(list(harmful), positions, layers=layers)
     less, less_logits = runtime.capture(list(harmless), positions, layers=layers)
@@ -139,6 +223,39 @@ def extract_candidates(
     return TrainCandidates(
         cands, keep_h, keep_l, harm if keep_activations else None, less if keep_activations else None
     )
+
+
+def _extract_sharded(
+    shards: Shards,
+    runtime: ModelRunner,
+    harmful: Sequence[list[int]],
+    harmless: Sequence[list[int]],
+    positions: tuple[int, ...],
+    refusal_ids: Sequence[int],
+    filter: bool,
+    log: Log,
+    label: str,
+    keep_activations: bool,
+) -> TrainCandidates:
+    """:func:`extract_candidates` with the capture spread over ``shards``; the same filter messages and result."""
+    harm = _sharded_sums(shards, runtime, harmful, positions, refusal_ids, True, keep_activations)
+    less = _sharded_sums(shards, runtime, harmless, positions, refusal_ids, False, keep_activations)
+    harm_scores = np.concatenate([p.scores for p in harm])  # (n_harmful,)
+    less_scores = np.concatenate([p.scores for p in less])  # (n_harmless,)
+    keep_h = np.ones(len(harm_scores), dtype=bool)
+    keep_l = np.ones(len(less_scores), dtype=bool)
+    if filter:
+        pre = f"{label} " if label else ""
+        keep_h = filter_mask(harm_scores, True, log, pre + "harmful train")
+        keep_l = filter_mask(less_scores, False, log, pre + "harmless train")
+    mu_pos, n_pos = _merged_mean(harm, keep_h)
+    mu_neg, n_neg = _merged_mean(less, keep_l)
+    cands = Candidates.from_means(mu_pos, mu_neg, positions, n_pos, n_neg)
+    acts_h = acts_l = None
+    if keep_activations:
+        acts_h = np.concatenate([p.acts for p in harm if p.acts is not None])
+        acts_l = np.concatenate([p.acts for p in less if p.acts is not None])
+    return TrainCandidates(cands, keep_h, keep_l, acts_h, acts_l)
 
 
 def post_instruction_positions(runtime: ModelRunner, system: str | None) -> tuple[int, ...]:
@@ -192,6 +309,7 @@ def extract_stage(
     projection: Literal["none", "harmless"] = "none",
     keep_activations: bool = False,
     label: str = "",
+    shards: Shards | None = None,
 ) -> Extracted:
     """Stage 2: capture the train prompts, filter them, take the mean difference; save or reuse the files.
 
@@ -210,6 +328,7 @@ def extract_stage(
         keep_activations: capture and return (and, with ``files.activations``, save) the per-prompt
             train activations.
         label: a language or variant name for the messages.
+        shards: spread the capture over model replicas (:func:`extract_candidates`); None: this process.
     """
     pre = f"{label}: " if label else ""
     if files is not None and files.candidates.exists() and files.prompts.exists():
@@ -229,6 +348,7 @@ def extract_stage(
         log=log,
         label=label,
         keep_activations=keep_activations,
+        shards=shards,
     )
     cands = train.candidates.project_out_harmless() if projection == "harmless" else train.candidates
     record = PromptRecord.from_train(sampled, list(train.harmful_kept), list(train.harmless_kept))

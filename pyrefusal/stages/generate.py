@@ -32,6 +32,7 @@ from pyrefusal.method.refusal import RefusalDetector, SubstringDetector
 from pyrefusal.rundir import read_records
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import Detector
+from pyrefusal.stages.shards import Shards, chunks, in_order
 from pyrefusal.steering import router
 
 REPETITION_NGRAM = 10
@@ -164,6 +165,45 @@ def complete_armed(
         if on_batch is not None:
             on_batch(batch)
     return out
+
+
+def _refusal_stop(
+    runtime: ModelRunner, detector: RefusalDetector, prompts: Sequence[Prompt]
+) -> Callable[[int, Sequence[int]], bool]:
+    """``stop(m, tokens)`` for :meth:`ModelRunner.generate`: True once ``detector`` reads the text of ``tokens``
+    (prompt ``m``'s generated tokens so far) as a refusal."""
+
+    def stop(m: int, tokens: Sequence[int]) -> bool:
+        return detector.judge(runtime.detokenize(list(tokens)).strip(), prompts[m].lang).refused
+
+    return stop
+
+
+def generate_unit(
+    runtime: ModelRunner,
+    intervention: iv.Intervention,
+    prompts: list[Prompt],
+    detector: RefusalDetector,
+    max_new_tokens: int,
+    system: str | None,
+    batch_size: int,
+    path: router.PathChoice,
+) -> tuple[list[Completion], str]:
+    """Generation unit: one batch of prompts under ``intervention`` (:func:`generate_completions`); returns the
+    completions and the steering path used."""
+    routes: dict[str, str] = {}
+    rows = generate_completions(
+        runtime,
+        prompts,
+        intervention,
+        detector,
+        max_new_tokens=max_new_tokens,
+        system=system,
+        batch_size=batch_size,
+        path=path,
+        routes=routes,
+    )
+    return rows, routes[intervention.name]
 
 
 def substring_detector(setting: Detector) -> SubstringDetector:
@@ -312,6 +352,7 @@ def generate_stage(
     path: router.PathChoice = "hook",
     routes: dict[str, str] | None = None,
     log: Log | None = None,
+    shards: Shards | None = None,
 ) -> int:
     """Stage 4: generate the completions of ``jobs`` that ``completions_path`` does not hold yet.
 
@@ -329,6 +370,8 @@ def generate_stage(
         stage: the progress stage's name.
         path / routes: steering path and the record of paths used (:func:`generate_completions`).
         log: says how many completions were already there, when some were.
+        shards: spread the batches over model replicas (:mod:`pyrefusal.stages.shards`); the file gets the same
+            lines in the same order. None: this process.
 
     Returns:
         The number of completions generated now.
@@ -348,6 +391,22 @@ def generate_stage(
         if progress:
             progress(stage, finished, total)
 
+    if shards is not None:  # one unit per batch, spread over the replicas; appended in the single-process order
+        units = [
+            (inter, chunk, detector, max_new_tokens, system, batch_size, path)
+            for inter, prompts in jobs
+            for chunk in chunks([p for p in prompts if (p.id, inter.name) not in done], batch_size)
+            if chunk
+        ]
+
+        def append(_: int, value: tuple[list[Completion], str]) -> None:
+            batch, route = value
+            if routes is not None and batch:
+                routes[batch[0].condition] = route
+            on_batch(batch)
+
+        in_order(shards.map(generate_unit, units, label=stage), append)
+        return made
     for inter, prompts in jobs:
         todo = [p for p in prompts if (p.id, inter.name) not in done]
         if not todo:

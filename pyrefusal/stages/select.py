@@ -36,6 +36,7 @@ from pyrefusal.method.selection import (
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.extract import NO_VAL_FILTER, Extracted, filter_by_refusal, format_prompts
 from pyrefusal.stages.layout import DirectionFiles
+from pyrefusal.stages.shards import Serial, Shards
 from pyrefusal.steering import router
 
 __all__ = ["SelectionError", "filter_val", "select_direction", "select_stage"]
@@ -51,6 +52,7 @@ def select_direction(
     rule: SelectionRule | None = None,
     mode: Literal["lazy", "all"] = "lazy",
     progress: Progress | None = None,
+    shards: Shards | None = None,
 ) -> Selection:
     """Score candidates on the val prompts with ``runtime`` and pick one by ``rule``.
 
@@ -62,6 +64,7 @@ def select_direction(
         rule: filters (default: the paper's).
         mode: ``"lazy"`` (exact top-1, KL only as far as needed) or ``"all"``.
         progress: ``progress(stage, done, total)``.
+        shards: score the candidates on several model replicas (the same scores and pick); None: this process.
 
     Raises:
         SelectionError: no candidate passes; the message says which filter removed them.
@@ -84,50 +87,17 @@ def select_direction(
             s.refusal_score, s.discarded = math.nan, "zero vector (identical inputs)"
     todo = [s for s in scores if (s.layer < cutoff or mode == "all") and s.discarded is None]
 
-    def ablated(s: CandidateScore, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        router.arm(runtime, iv.ablation(candidates.get(s.position, s.layer)))
-        try:
-            return runtime.last_logits(prompts)
-        finally:
-            runtime.clear_plan()
-
-    def fill_kl(s: CandidateScore) -> None:
-        s.kl = float(kl_divergence(base_harmless, ablated(s, harmless_val)).mean())
-        if rule.steering_filter or mode == "all":
-            router.arm(runtime, iv.actadd(candidates.get(s.position, s.layer), s.layer, coeff=1.0))
-            try:
-                s.steering_score = float(refusal_scores(runtime.last_logits(harmless_val), refusal_tokens).mean())
-            finally:
-                runtime.clear_plan()
-
-    for i, s in enumerate(todo):
-        s.refusal_score = float(refusal_scores(ablated(s, harmful_val), refusal_tokens).mean())
-        if progress:
-            progress("refusal score", i + 1, len(todo))
+    # one candidate per unit: on this process (Serial) or spread over model replicas, the same numbers and pick
+    scoring = _CandidateScoring(
+        shards or Serial(runtime), candidates, harmful_val, harmless_val, refusal_tokens, base_harmless, progress
+    )
+    scoring.refusal(todo)
     if mode == "all":
-        for i, s in enumerate(todo):
-            fill_kl(s)
-            if progress:
-                progress("kl", i + 1, len(todo))
+        scoring.kl(todo, steering=True)
         pick = apply_rule(scores, n_layer, rule)
     else:
-        pick = None
-        order = sorted(
-            (s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
-            key=lambda s: s.refusal_score,
-        )  # stable
-        for s in todo:
-            if s.refusal_score is None or math.isnan(s.refusal_score):
-                s.discarded = "nan"
-        for j, s in enumerate(order):
-            fill_kl(s)
-            if progress:
-                progress("kl (lazy)", j + 1, len(order))
-            reason = discard_reason(s, cutoff, rule)
-            s.discarded = reason
-            if reason is None:
-                pick = s
-                break
+        pick = scoring.lazy_pick(todo, cutoff, rule)
+    if mode == "lazy":
         for s in scores:
             if s.layer >= cutoff:
                 s.discarded = f"layer >= int({rule.prune_fraction}*n_layer)={cutoff}"
@@ -152,6 +122,115 @@ def select_direction(
         mode=mode,
         scores=scores,
     )
+
+
+def ablated_refusal_unit(
+    runtime: ModelRunner, vector: np.ndarray, harmful_val: list[list[int]], refusal_tokens: list[int]
+) -> float:
+    """Selection unit: the mean refusal score of the val harmful prompts with ``vector`` ablated everywhere."""
+    router.arm(runtime, iv.ablation(vector))
+    try:
+        return float(refusal_scores(runtime.last_logits(harmful_val), refusal_tokens).mean())
+    finally:
+        runtime.clear_plan()
+
+
+def ablated_kl_unit(
+    runtime: ModelRunner,
+    vector: np.ndarray,
+    layer: int,
+    base_harmless: np.ndarray,
+    harmless_val: list[list[int]],
+    refusal_tokens: list[int],
+    steering: bool,
+) -> tuple[float, float | None]:
+    """Selection unit: first-token KL on the val harmless prompts with ``vector`` ablated (``base_harmless``:
+    their unsteered logits ``(n, n_vocab)``), and with ``steering`` the steering score of adding it at ``layer``."""
+    router.arm(runtime, iv.ablation(vector))
+    try:
+        kl = float(kl_divergence(base_harmless, runtime.last_logits(harmless_val)).mean())
+    finally:
+        runtime.clear_plan()
+    steer = None
+    if steering:
+        router.arm(runtime, iv.actadd(vector, layer, coeff=1.0))
+        try:
+            steer = float(refusal_scores(runtime.last_logits(harmless_val), refusal_tokens).mean())
+        finally:
+            runtime.clear_plan()
+    return kl, steer
+
+
+class _CandidateScoring:
+    """Candidate scores computed by :class:`~pyrefusal.stages.shards.Shards` units (one candidate per unit), with
+    the results of the single-process scoring: the lazy rule takes the same candidate and records the same scores
+    (KL values computed past the pick in the last round are dropped again)."""
+
+    def __init__(
+        self,
+        shards: Shards,
+        candidates: Candidates,
+        harmful_val: Sequence[Sequence[int]],
+        harmless_val: Sequence[Sequence[int]],
+        refusal_tokens: Sequence[int],
+        base_harmless: np.ndarray,
+        progress: Progress | None,
+    ) -> None:
+        self.shards = shards
+        self.candidates = candidates
+        self.harmful = [list(t) for t in harmful_val]
+        self.harmless = [list(t) for t in harmless_val]
+        self.tokens = list(refusal_tokens)
+        self.base = base_harmless  # (n_harmless_val, n_vocab) float32
+        self.progress = progress
+
+    def refusal(self, todo: list[CandidateScore]) -> None:
+        units = [(self.candidates.get(s.position, s.layer), self.harmful, self.tokens) for s in todo]
+        for done, (i, value) in enumerate(self.shards.map(ablated_refusal_unit, units, label="refusal score"), 1):
+            todo[i].refusal_score = value
+            if self.progress:
+                self.progress("refusal score", done, len(todo))
+
+    def kl(
+        self,
+        items: list[CandidateScore],
+        *,
+        steering: bool,
+        stage: str = "kl",
+        offset: int = 0,
+        total: int | None = None,
+    ) -> None:
+        units = [
+            (self.candidates.get(s.position, s.layer), s.layer, self.base, self.harmless, self.tokens, steering)
+            for s in items
+        ]
+        for done, (i, (kl, steer)) in enumerate(self.shards.map(ablated_kl_unit, units, label=stage), 1):
+            items[i].kl = kl
+            if steering:
+                items[i].steering_score = steer
+            if self.progress:
+                self.progress(stage, offset + done, total or len(items))
+
+    def lazy_pick(self, todo: list[CandidateScore], cutoff: int, rule: SelectionRule) -> CandidateScore | None:
+        order = sorted(
+            (s for s in todo if s.refusal_score is not None and not math.isnan(s.refusal_score)),
+            key=lambda s: s.refusal_score,
+        )  # stable, as the single-process rule
+        for s in todo:
+            if s.refusal_score is None or math.isnan(s.refusal_score):
+                s.discarded = "nan"
+        width = max(1, self.shards.width)
+        for start in range(0, len(order), width):
+            batch = order[start : start + width]
+            self.kl(batch, steering=rule.steering_filter, stage="kl (lazy)", offset=start, total=len(order))
+            for j, s in enumerate(batch):
+                reason = discard_reason(s, cutoff, rule)
+                s.discarded = reason
+                if reason is None:
+                    for later in batch[j + 1 :]:  # not reached by the single-process rule
+                        later.kl, later.steering_score, later.discarded = None, None, None
+                    return s
+        return None
 
 
 def filter_val(
@@ -206,10 +285,13 @@ def select_stage(
     progress: Progress | None = None,
     log: Log,
     label: str = "",
+    shards: Shards | None = None,
 ) -> tuple[Selection, float | None]:
     """Stage 3: val filter and selection; saves ``selection.json`` and the kept val ids in ``prompts.json``
     (``extracted.prompts`` is updated), or reuses ``selection.json``; then writes ``direction.npy`` when
     ``files.direction`` is set.
+
+    ``shards`` scores the candidates on several model replicas (:func:`select_direction`).
 
     Returns:
         ``(selection, seconds)``: seconds is None when ``selection.json`` was reused.
@@ -236,6 +318,7 @@ def select_stage(
             rule=rule,
             mode=mode,
             progress=progress,
+            shards=shards,
         )
         seconds = time.perf_counter() - t
         log(f"{pre}selection in {seconds:.1f}s")

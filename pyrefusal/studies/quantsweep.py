@@ -36,7 +36,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from pyrefusal.data.embedded import resolve_data_source
 from pyrefusal.data.polyrefuse import PolyRefuse
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.reporting.quant_report import write_quant_report
-from pyrefusal.rundir import RunLock, write_config
+from pyrefusal.rundir import RunLock, write_atomic, write_config
 from pyrefusal.settings import DEFAULT_TYPES, QuantSweepConfig
 from pyrefusal.stages.crossapply import transfer_matrix
 from pyrefusal.stages.direction import LanguageDirection
@@ -59,6 +59,9 @@ from pyrefusal.stages.variants import (
     sweep_results,
 )
 from pyrefusal.steering.merge import FLOAT_FTYPES, ftype_name, parse_ftype
+
+if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
+    from pyrefusal.cluster.pool import ClusterSpec
 
 __all__ = ["DEFAULT_TYPES", "QuantSweepConfig", "run_quant_sweep", "write_quant_report"]
 
@@ -89,8 +92,13 @@ def run_quant_sweep(
     progress: Progress | None = None,
     *,
     force: bool = False,
+    cluster: ClusterSpec | None = None,
 ) -> dict[str, Any]:
     """Make the variants, extract a direction in each, cross-apply them and write the report.
+
+    With ``cluster`` (``--ray``) the variants are parallel jobs on a Ray cluster: each job makes its variant
+    (from the model resolved on its own node), extracts its direction, and later answers the test prompts under
+    every direction; this process writes every file of ``out``.
 
     Args:
         config: the sweep.
@@ -98,6 +106,7 @@ def run_quant_sweep(
         log: message sink.
         progress: ``progress(stage, done, total)``.
         force: start over in ``out`` (variant GGUFs in the work directory are kept).
+        cluster: run the variants as parallel jobs on a Ray cluster.
 
     Returns:
         The dict written to ``quant_sweep.json``.
@@ -107,7 +116,6 @@ def run_quant_sweep(
             ``out`` holding a sweep with other settings.
     """
     from pyrefusal.data.registry import cache_dir, cached_sha256, resolve_model
-    from pyrefusal.runtime import Runtime
     from pyrefusal.runtime.validate import validate_model_file
     from pyrefusal.steering.export import read_gguf_header
 
@@ -151,6 +159,13 @@ def run_quant_sweep(
         # -- 1. variants and their directions (each saved as soon as it finishes) -------------------
         variants: dict[str, Variant] = {}
         directions: dict[str, LanguageDirection] = {}
+        todo = [n for n in names if not (out / "variants" / f"{n}.json").exists()]
+        if cluster is not None and todo:  # the variants' extractions as parallel jobs
+            from pyrefusal.cluster.pool import run_jobs  # imports Ray: only with --ray
+
+            jobs = [(config.model, n, config, work, extractions) for n in todo]
+            for i, (v, ld) in run_jobs(variant_job, jobs, cluster, threads=config.n_threads, log=log, label="variant"):
+                _record_variant(out, extractions, todo[i], v, ld)
         for name in names:
             vpath = out / "variants" / f"{name}.json"
             if vpath.exists():
@@ -158,14 +173,10 @@ def run_quant_sweep(
                 log(f"{name}: reusing {vpath.name} ({variants[name].status})")
             else:
                 v = make_variant(base, base_ftype, name, work, config, log)
-                if v.status == "ok":
-                    ld = extract_variant_direction(v, data, config, extractions, log, progress)
-                    if ld is not None:
-                        v.selection = ld.summary()
-                        np.save(out / "variants" / f"{name}.direction.npy", ld.direction.astype(np.float32))
-                        ld.selection.save(out / "variants" / f"{name}.selection.json")
-                vpath.write_text(json.dumps(v.to_dict(), indent=1))
-                variants[name] = v
+                ld = (
+                    extract_variant_direction(v, data, config, extractions, log, progress) if v.status == "ok" else None
+                )
+                variants[name] = _record_variant(out, extractions, name, v, ld)
             if variants[name].status == "ok":
                 ld = load_variant_direction(extractions, name)
                 if ld is None:
@@ -176,32 +187,34 @@ def run_quant_sweep(
                 directions[name] = ld
 
         # -- 2. cross-application: every direction ablated in every variant ------------------------
-        detector = substring_detector(config.detector)
         cross: dict[str, dict[str, Any]] = {}
         runnable = [n for n in names if variants[n].status != "failed"]
-        for i, name in enumerate(runnable):
+        if cluster is not None:
+            from pyrefusal.cluster.pool import run_jobs  # imports Ray: only with --ray
+
+            jobs = [(config, variants[n], directions, _completions_text(out, n)) for n in runnable]
+            for i, (res, text) in run_jobs(
+                cross_job, jobs, cluster, threads=config.n_threads, log=log, label="cross-application"
+            ):
+                name = runnable[i]
+                write_atomic(out / "completions" / f"{name}.jsonl", text)
+                cross[name] = res
+                variants[name].seconds["cross_application"] = res.pop("seconds")
+        for i, name in enumerate(n for n in runnable if n not in cross):
             t = time.perf_counter()
             log(f"{name}: answering {config.n_test} harmful test prompts, baseline + {len(directions)} directions")
-            with Runtime(
-                variants[name].path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads
-            ) as rt:
-                res = transfer_matrix(
-                    rt,
-                    directions,
-                    data,
-                    [config.source_lang],
-                    n_test=config.n_test,
-                    max_new_tokens=config.max_new_tokens,
-                    detector=detector,
-                    completions_path=out / "completions" / f"{name}.jsonl",
-                    seed=config.seed,
-                    batch_size=config.n_seq_max,
-                    progress=(lambda s, k, n, _m=name: progress(f"{_m}: {s}", k, n)) if progress else None,
-                )
-            cross[name] = res.to_dict()
+            cross[name] = _cross_apply(
+                config,
+                variants[name],
+                data,
+                directions,
+                out / "completions" / f"{name}.jsonl",
+                (lambda s, k, n, _m=name: progress(f"{_m}: {s}", k, n)) if progress else None,
+            )
             variants[name].seconds["cross_application"] = time.perf_counter() - t
             if progress:
                 progress("variants cross-applied", i + 1, len(runnable))
+        cross = {n: cross[n] for n in runnable}  # the variants' order, whichever finished first
 
         # -- 3. geometry, results, report ------------------------------------------------------------
         results = sweep_results(config, resolved, base, base_ftype, variants, directions, cross, work)
@@ -211,3 +224,94 @@ def run_quant_sweep(
         write_quant_report(results, out)
         log(f"wrote {out / 'quant_sweep.json'} and {out / 'report.md'} in {results['seconds_total']:.0f}s")
         return results
+
+
+def _record_variant(out: Path, extractions: Path, name: str, v: Variant, ld: LanguageDirection | None) -> Variant:
+    """Write what a variant's extraction produced: ``variants/<TYPE>.json`` (+ direction and selection), and its
+    extraction files under ``extractions/<TYPE>/`` when a job on another node made them there."""
+    if ld is not None:
+        v.selection = ld.summary()
+        np.save(out / "variants" / f"{name}.direction.npy", ld.direction.astype(np.float32))
+        ld.selection.save(out / "variants" / f"{name}.selection.json")
+        if load_variant_direction(extractions, name) is None:
+            ld.save(extractions / name)
+    (out / "variants" / f"{name}.json").write_text(json.dumps(v.to_dict(), indent=1))
+    return v
+
+
+def _cross_apply(
+    config: QuantSweepConfig,
+    variant: Variant,
+    data: PolyRefuse,
+    directions: dict[str, LanguageDirection],
+    completions: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Every direction ablated in ``variant`` on the source language's harmful test prompts (the transfer matrix)."""
+    from pyrefusal.runtime import Runtime
+
+    with Runtime(variant.path, n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_threads=config.n_threads) as rt:
+        res = transfer_matrix(
+            rt,
+            directions,
+            data,
+            [config.source_lang],
+            n_test=config.n_test,
+            max_new_tokens=config.max_new_tokens,
+            detector=substring_detector(config.detector),
+            completions_path=completions,
+            seed=config.seed,
+            batch_size=config.n_seq_max,
+            progress=progress,
+        )
+    return res.to_dict()
+
+
+def _completions_text(out: Path, name: str) -> str:
+    path = out / "completions" / f"{name}.jsonl"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def _variant_on_node(model: str, name: str, config: QuantSweepConfig, work: Path) -> Variant:
+    """The variant GGUF on this node: made from the model resolved here (registry, cache or path) if missing."""
+    from pyrefusal.data.registry import resolve_model
+    from pyrefusal.steering.export import read_gguf_header
+
+    base = Path(resolve_model(model).path)
+    raw = read_gguf_header(base).kv.get("general.file_type")
+    return make_variant(base, int(raw) if raw is not None else None, name, work, config, _quiet)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def variant_job(
+    model: str, name: str, config: QuantSweepConfig, work: Path, extractions: Path
+) -> tuple[Variant, LanguageDirection | None]:
+    """Ray job (``--ray``): make one variant on the worker's node and extract its direction; returns both for the
+    driver to record (:func:`_record_variant`)."""
+    v = _variant_on_node(model, name, config, work)
+    if v.status != "ok":
+        return v, None
+    data = PolyRefuse(resolve_data_source(config.data_dir).path)
+    return v, extract_variant_direction(v, data, config, extractions, _quiet, None)
+
+
+def cross_job(
+    config: QuantSweepConfig, variant: Variant, directions: dict[str, LanguageDirection], done: str
+) -> tuple[dict[str, Any], str]:
+    """Ray job (``--ray``): the cross-application of one variant on the worker's node, resuming from the driver's
+    completions file text ``done``; returns the transfer matrix (with ``seconds``) and the whole file's new text."""
+    import tempfile
+
+    t = time.perf_counter()
+    if not Path(variant.path).exists():  # another node made it: make it here too (deterministic quantization)
+        variant = _variant_on_node(config.model, variant.type, config, Path(variant.path).parent)
+    data = PolyRefuse(resolve_data_source(config.data_dir).path)
+    with tempfile.TemporaryDirectory(prefix="pyrefusal-cross-") as tmp:
+        path = Path(tmp) / "completions.jsonl"
+        path.write_text(done, encoding="utf-8")
+        res = _cross_apply(config, variant, data, directions, path, None)
+        text = path.read_text(encoding="utf-8")
+    return {**res, "seconds": time.perf_counter() - t}, text

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrefusal.common import Log, Progress
 from pyrefusal.data.embedded import DataSource, resolve_data_source
@@ -45,6 +45,10 @@ from pyrefusal.stages.measure import Metrics, measure_capability, measure_first_
 from pyrefusal.stages.results import assemble_results, evaluation_table
 from pyrefusal.stages.sample import sample_prompts
 from pyrefusal.stages.select import select_stage
+from pyrefusal.stages.shards import Shards
+
+if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
+    from pyrefusal.cluster.pool import ClusterSpec
 
 
 def _prepare_dir(paths: RunPaths, config: RunConfig, force: bool) -> None:
@@ -90,8 +94,14 @@ def run_pipeline(
     force: bool = False,
     log: Log = print,
     progress: Progress | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole job; returns the results dict written to ``results.json``."""
+    """Run (or resume) the whole job; returns the results dict written to ``results.json``.
+
+    With ``cluster`` (``--ray``), extraction, selection and generation run on model replicas in a Ray cluster
+    (:mod:`pyrefusal.cluster`); the run directory gets the same files, written by this process only, and either
+    executor resumes it.
+    """
 
     config.validate()
     timings: dict[str, float] = {}
@@ -112,10 +122,17 @@ def run_pipeline(
         t = time.perf_counter()
         rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before hours of extraction
         timings["load_model"] = time.perf_counter() - t
+        shards = None
         try:
             _check_model(paths, rt.sha256)
-            return _run(rt, data, config, paths, timings, t_all, log, progress, source)
+            if cluster is not None:
+                from pyrefusal.cluster.pool import RayShards  # imports Ray: only with --ray
+
+                shards = RayShards(config, cluster, sha256=rt.sha256, log=log)
+            return _run(rt, data, config, paths, timings, t_all, log, progress, source, shards)
         finally:
+            if shards is not None:
+                shards.close()
             rt.close()
 
 
@@ -129,6 +146,7 @@ def _run(
     log: Log,
     progress: Progress | None,
     source: DataSource | None = None,
+    shards: Shards | None = None,
 ) -> dict[str, Any]:
     """The stage sequence: sample -> extract -> select -> generate -> measure -> judge -> results.
 
@@ -165,6 +183,7 @@ def _run(
         filter=config.filter_train,
         log=log,
         projection=config.direction_projection,
+        shards=shards,
     )
     if extracted.seconds is not None:
         timings["capture_train"] = extracted.seconds
@@ -181,6 +200,7 @@ def _run(
         mode=config.selection_mode,
         progress=progress,
         log=log,
+        shards=shards,
     )
     if seconds is not None:
         timings["selection"] = seconds
@@ -223,6 +243,7 @@ def _run(
         progress=progress,
         path=path,
         routes=routes,
+        shards=shards,
     )
     timings["generation"] = time.perf_counter() - t
     completions = configured(read_jsonl(paths.completions), wanted_pairs(record.test, config.conditions))

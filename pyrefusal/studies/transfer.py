@@ -42,7 +42,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pyrefusal.common import Log, Progress
 from pyrefusal.data.embedded import resolve_data_source
@@ -69,6 +69,7 @@ from pyrefusal.stages.geometry import (
 from pyrefusal.stages.layout import DirectionFiles
 from pyrefusal.stages.results import recorded_versions, runtime_timings, strict_json
 from pyrefusal.stages.sample import sample_test_prompts, sample_train_val
+from pyrefusal.stages.shards import Shards
 from pyrefusal.stages.tokens import (
     RefusalTokens,
     count_first_tokens,
@@ -77,6 +78,9 @@ from pyrefusal.stages.tokens import (
     pick_refusal_tokens,
     table_refusal_tokens,
 )
+
+if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
+    from pyrefusal.cluster.pool import ClusterSpec
 
 __all__ = [
     "CONTROL_ROW",
@@ -132,6 +136,7 @@ def extract_language_directions(
     token_max_new_tokens: int = 8,
     keep_activations: bool = True,
     log: Log = quiet,
+    shards: Shards | None = None,
 ) -> dict[str, LanguageDirection]:
     """Extract and select a refusal direction for every language in ``langs``.
 
@@ -163,6 +168,7 @@ def extract_language_directions(
         n_token_probe / token_max_new_tokens: prompts and tokens generated to derive tokens.
         keep_activations: keep per-prompt train activations (float16) for PCA and projections.
         log: message sink.
+        shards: spread capture and selection over model replicas (``--ray``); None: this process.
 
     Returns:
         ``{lang: LanguageDirection}`` in ``langs`` order.
@@ -208,6 +214,7 @@ def extract_language_directions(
             keep_activations=keep_activations,
             progress=prog,
             log=log,
+            shards=shards,
         )
     return out
 
@@ -239,6 +246,7 @@ def run_transfer(
     *,
     force: bool = False,
     plots: bool = True,
+    cluster: ClusterSpec | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the cross-lingual experiment; returns the dict written to ``transfer.json``.
 
@@ -256,6 +264,8 @@ def run_transfer(
         progress: ``progress(stage, done, total)``.
         force: delete previous results in ``out`` first.
         plots: write the PNG figures.
+        cluster: run extraction, selection and the transfer generations on model replicas in a Ray cluster
+            (``--ray``); the same files, written by this process only.
 
     Raises:
         PyrefusalError: settings clash with ``out``, unknown languages/condition, or selection fails.
@@ -281,7 +291,12 @@ def run_transfer(
         rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before any extraction
         timings["load_model"] = time.perf_counter() - t
         detector = substring_detector(config.detector)
+        shards = None
         try:
+            if cluster is not None:
+                from pyrefusal.cluster.pool import RayShards  # imports Ray: only with --ray
+
+                shards = RayShards(config, cluster, sha256=rt.sha256, log=log)
             t = time.perf_counter()
             directions = extract_language_directions(
                 rt,
@@ -302,6 +317,7 @@ def run_transfer(
                 token_max_new_tokens=config.token_max_new_tokens,
                 keep_activations=config.keep_activations,
                 log=log,
+                shards=shards,
             )
             timings["directions"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -321,11 +337,14 @@ def run_transfer(
                 progress=progress,
                 log=log,
                 control=config.random_control,
+                shards=shards,
             )
             timings["transfer"] = time.perf_counter() - t
             info = rt.info().to_dict()
             runner_timings = runtime_timings(rt)
         finally:
+            if shards is not None:
+                shards.close()
             rt.close()
 
         geometry = compare_directions(directions, "en" if "en" in directions else next(iter(directions)))
