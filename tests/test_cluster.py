@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyrefusal.cli import main
+from pyrefusal.cluster import pool
 from pyrefusal.cluster.pool import FAULT_ENV, ClusterError, ClusterSpec, RayShards, require_ray
 from pyrefusal.settings import RunSettings
 from pyrefusal.studies.run import run_pipeline
@@ -95,7 +96,8 @@ def test_sharded_run_equals_single_process(local_ray, single, tiny_model, polyre
     _same_run(single, out)
 
 
-def test_worker_killed_mid_generation(local_ray, single, tiny_model, polyrefuse_dir, tmp_path) -> None:
+def test_worker_killed_mid_generation(local_ray, single, tiny_model, polyrefuse_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pool, "SHARE_BYTES", 0)  # every array argument through the object store, sent once
     out = tmp_path / "faulted"
     marker = tmp_path / "fault-fired"
     logs: list[str] = []

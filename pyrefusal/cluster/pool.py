@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from pyrefusal.common import Log
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.runtime import Runtime
@@ -38,6 +40,9 @@ FAULT_ENV = "PYREFUSAL_RAY_FAULT"
 """Fault injection for tests and drills: ``LABEL:INDEX:MARKER`` makes the worker that gets unit ``INDEX`` of the
 stage ``LABEL`` exit its process (as a killed node would) once: when the file ``MARKER`` does not exist yet; it
 creates it first, so the rerun of that unit succeeds."""
+
+SHARE_BYTES = 1 << 20
+"""NumPy arguments of at least this size go to Ray's object store once per stage instead of once per unit."""
 
 MAX_ATTEMPTS = 3
 """A unit whose worker died this many times stops the study (the cluster, not the unit, is probably broken)."""
@@ -118,8 +123,9 @@ class ModelWorker:
         rt = self.runtime
         return {"sha256": rt.sha256, "node": socket.gethostname(), "pid": os.getpid(), "n_gpu_layers": rt.n_gpu_layers}
 
-    def call(self, fn: Callable[..., Any], unit: Unit, label: str, index: int) -> tuple[Any, int]:
-        """``fn(runtime, *unit)``; returns its value and the tokens the replica decoded for it."""
+    def call(self, fn: Callable[..., Any], label: str, index: int, *unit: Any) -> tuple[Any, int]:
+        """``fn(runtime, *unit)``; returns its value and the tokens the replica decoded for it. (The unit's
+        arguments come one by one so that Ray resolves those the driver put in the object store.)"""
         _maybe_fail(label, index)
         t = self.runtime.timings
         before = t.prompt_tokens + t.generated_tokens
@@ -216,6 +222,15 @@ class RayShards:
         self.workers[k] = self._start()
         self._ready(self.workers[k])
 
+    def _shared(self, arg: Any, refs: dict[int, Any]) -> Any:
+        """``arg``, or an object-store reference to it when it is a large NumPy array (e.g. the baseline logits
+        ``(n_val, n_vocab)`` that every KL unit reads): put once, read by every unit from the store."""
+        if isinstance(arg, np.ndarray) and arg.nbytes >= SHARE_BYTES:
+            if id(arg) not in refs:
+                refs[id(arg)] = self.ray.put(arg)
+            return refs[id(arg)]
+        return arg
+
     def close(self) -> None:
         """Stop the replicas (the Ray instance stays up for the next study of this process)."""
         for w in self.workers:
@@ -247,11 +262,13 @@ class RayShards:
         attempts = [0] * len(units)
         idle = list(range(len(self.workers)))
         inflight: dict[Any, tuple[int, int]] = {}
+        shared: dict[int, Any] = {}  # id(array) -> object ref: a large array shared by many units is sent once
         t, tokens, done = time.perf_counter(), 0, 0
         while pending or inflight:
             while pending and idle:
                 i, k = pending.popleft(), idle.pop(0)
-                inflight[self.workers[k].call.remote(fn, units[i], label, i)] = (k, i)
+                args = [self._shared(a, shared) for a in units[i]]
+                inflight[self.workers[k].call.remote(fn, label, i, *args)] = (k, i)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             k, i = inflight.pop(ref)
             try:
