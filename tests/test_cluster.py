@@ -7,6 +7,7 @@ byte for byte against the single-process run of the same settings.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -98,6 +99,7 @@ def test_sharded_run_equals_single_process(local_ray, single, tiny_model, polyre
 
 def test_worker_killed_mid_generation(local_ray, single, tiny_model, polyrefuse_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(pool, "SHARE_BYTES", 0)  # every array argument through the object store, sent once
+    monkeypatch.setattr(pool, "STATUS_SECONDS", 0.0)  # a status line after every unit
     out = tmp_path / "faulted"
     marker = tmp_path / "fault-fired"
     logs: list[str] = []
@@ -105,6 +107,7 @@ def test_worker_killed_mid_generation(local_ray, single, tiny_model, polyrefuse_
     run_pipeline(_config(tiny_model[0], polyrefuse_dir), out, cluster=spec, log=logs.append)
     assert marker.exists(), "the fault drill did not fire"
     assert any("worker died during generation unit 3" in line for line in logs)
+    assert any(re.match(r"ray: generation: \d+/36 units, \d+ tokens/s, ETA \d+s \(2 replicas\)", x) for x in logs)
     keys = Counter(
         (r["prompt_id"], r["lang"], r["condition"])
         for r in map(json.loads, (out / "completions.jsonl").read_text().splitlines())

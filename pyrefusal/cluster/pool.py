@@ -44,6 +44,9 @@ creates it first, so the rerun of that unit succeeds."""
 SHARE_BYTES = 1 << 20
 """NumPy arguments of at least this size go to Ray's object store once per stage instead of once per unit."""
 
+STATUS_SECONDS = 10.0
+"""How often a long stage prints its cluster-wide status (units done / total, tokens/s, ETA)."""
+
 MAX_ATTEMPTS = 3
 """A unit whose worker died this many times stops the study (the cluster, not the unit, is probably broken)."""
 
@@ -264,6 +267,7 @@ class RayShards:
         inflight: dict[Any, tuple[int, int]] = {}
         shared: dict[int, Any] = {}  # id(array) -> object ref: a large array shared by many units is sent once
         t, tokens, done = time.perf_counter(), 0, 0
+        last = t
         while pending or inflight:
             while pending and idle:
                 i, k = pending.popleft(), idle.pop(0)
@@ -293,6 +297,14 @@ class RayShards:
             idle.append(k)
             tokens += n
             done += 1
+            now = time.perf_counter()
+            if now - last >= STATUS_SECONDS and done < len(units):
+                last = now
+                rate = done / (now - t)
+                self.log(
+                    f"ray: {label or 'units'}: {done}/{len(units)} units, {tokens / (now - t):.0f} tokens/s, "
+                    f"ETA {(len(units) - done) / rate:.0f}s ({self.width} replicas)"
+                )
             yield i, value
         secs = time.perf_counter() - t
         self.log(
