@@ -71,7 +71,8 @@ def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--ray-workers",
         type=click.IntRange(min=1),
         default=None,
-        help="With --ray: model replicas (default: one per GPU, or one per --threads CPU cores).",
+        help="With --ray: model replicas (default: one per GPU, or one per --threads CPU cores); for quant-sweep, "
+        "variants at a time.",
     )(fn)
     return click.option(
         "--ray",
@@ -80,9 +81,9 @@ def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         flag_value=LOCAL_RAY,
         default=None,
         metavar="[ADDRESS]",
-        help="Run the model work on a Ray cluster: --ray alone starts a local Ray instance (or joins $RAY_ADDRESS), "
-        "--ray ADDRESS joins a running one (ray start --head). Same files and results as without it; needs "
-        "pip install 'pyrefusal[ray]'.",
+        help="Run the model work on a Ray cluster: --ray ADDRESS joins a running one (ray start --head); --ray alone "
+        "joins $RAY_ADDRESS or a cluster started on this machine, else starts a local instance. Same files and "
+        "results as without it; needs pip install 'pyrefusal[ray]'.",
     )(fn)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from pyrefusal.cli import main
 from pyrefusal.cluster import pool
 from pyrefusal.cluster.pool import FAULT_ENV, ClusterError, ClusterSpec, RayShards, require_ray
+from pyrefusal.errors import ModelError
 from pyrefusal.settings import RunSettings
 from pyrefusal.studies.run import run_pipeline
 
@@ -144,6 +146,18 @@ def test_cluster_errors_say_what_to_do(local_ray, tiny_model, polyrefuse_dir, mo
         RayShards(RunSettings(**{**config.to_dict(), "n_gpu_layers": 4}), ClusterSpec(workers=1))
     with pytest.raises(ClusterError, match="different files under the same name"):
         RayShards(config, ClusterSpec(workers=1), sha256="0" * 64)
+    # the model missing on a worker's node: pyrefusal's own message, not Ray's traceback
+    missing = RunSettings(**{**config.to_dict(), "model": str(tiny_model[0].parent / "elsewhere.gguf")})
+    with pytest.raises(ModelError, match="Model file not found"):
+        RayShards(missing, ClusterSpec(workers=1))
+    # more replicas than the cluster can place: a clear error after the timeout, and nothing left holding CPUs
+    with pytest.raises(ClusterError, match="was not ready after 5s"):
+        RayShards(config, ClusterSpec(workers=3, threads=1, ready_timeout=5))
+    for _ in range(100):  # ray.kill releases the actors' CPUs asynchronously
+        if ray.available_resources().get("CPU", 0) == 2:
+            break
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 2
     r = CliRunner().invoke(main, ["run", "--ray-workers", "2"])
     assert r.exit_code == 2 and "--ray-workers needs --ray" in r.output
 
@@ -192,7 +206,7 @@ def test_quant_sweep_variants_as_parallel_jobs(local_ray, tiny_model, polyrefuse
 
     _invoke(args("a"))
     log = _invoke([*args("b"), "--ray"])
-    assert "ray: 2 variant job(s) submitted" in log and "ray: 2 cross-application job(s) submitted" in log
+    assert "ray: 2 variant job(s), 2 at a time" in log and "ray: 2 cross-application job(s), 2 at a time" in log
     a, b = tmp_path / "a", tmp_path / "b"
     assert _tree(a / "completions", "*.jsonl") == _tree(b / "completions", "*.jsonl")
     assert _tree(a / "variants", "*.npy") == _tree(b / "variants", "*.npy")

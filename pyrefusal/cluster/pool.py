@@ -96,12 +96,15 @@ class ClusterSpec:
             replicas (CPU) or 1 (GPU).
         env: environment variables set in every replica's process (Ray ``runtime_env``), e.g. ``PYREFUSAL_*``
             settings or :data:`FAULT_ENV` for a fault drill.
+        ready_timeout: seconds to wait for a replica to load its model (a cluster without free resources would
+            otherwise wait for ever).
     """
 
     address: str | None = None
     workers: int | None = None
     threads: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    ready_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -119,10 +122,16 @@ class ModelWorker:
     """
 
     def __init__(self, config: ChatSettings) -> None:
-        self.runtime = Runtime.for_study(config)
+        self.error: PyrefusalError | None = None
+        try:
+            self.runtime = Runtime.for_study(config)
+        except PyrefusalError as e:  # kept for info(), so the driver gets pyrefusal's message, not Ray's traceback
+            self.error = e
 
     def info(self) -> dict[str, Any]:
         """The replica's model hash, node and offload, checked by the driver before any unit runs."""
+        if self.error is not None:
+            raise self.error
         rt = self.runtime
         return {"sha256": rt.sha256, "node": socket.gethostname(), "pid": os.getpid(), "n_gpu_layers": rt.n_gpu_layers}
 
@@ -190,7 +199,11 @@ class RayShards:
         self._actor = ray.remote(ModelWorker).options(**options)
         t = time.perf_counter()
         self.workers = [self._start() for _ in range(workers)]
-        infos = [self._ready(w) for w in self.workers]
+        try:
+            infos = [self._ready(w) for w in self.workers]
+        except BaseException:
+            self.close()  # free what was placed: a failed start leaves no replica holding the cluster's CPUs/GPUs
+            raise
         self.width = len(self.workers)
         nodes = sorted({i["node"] for i in infos})
         log(
@@ -204,11 +217,22 @@ class RayShards:
         return self._actor.remote(self.config)
 
     def _ready(self, worker: Any) -> dict[str, Any]:
-        """Wait for a replica to load its model; check the file's sha256 against the driver's."""
+        """Wait for a replica to load its model (at most ``spec.ready_timeout`` seconds); check the file's sha256
+        against the driver's."""
+        ray = self.ray
         try:
-            info = self.ray.get(worker.info.remote())
-        except self.ray.exceptions.RayTaskError as exc:
+            info = ray.get(worker.info.remote(), timeout=self.spec.ready_timeout)
+        except ray.exceptions.RayTaskError as exc:  # the model could not be loaded there (pyrefusal's error)
             raise _cause(exc) from None
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(
+                f"a model replica was not ready after {self.spec.ready_timeout:.0f}s: the cluster has no free "
+                f"{'GPU' if self.use_gpu else f'{self.threads} CPUs'} for it (other jobs, a lost node) or loading is "
+                "slow. Ask for fewer replicas (--ray-workers N), free resources, or raise the timeout "
+                "(ClusterSpec.ready_timeout)"
+            ) from None
+        except ray.exceptions.RayActorError as exc:  # the replica's process died while starting (memory, a crash)
+            raise ClusterError(f"a model replica died while loading the model: {_last_line(exc)}") from None
         if self.sha256 is None:
             self.sha256 = info["sha256"]
         elif info["sha256"] != self.sha256:
@@ -313,6 +337,13 @@ class RayShards:
         )
 
 
+def _last_line(exc: BaseException) -> str:
+    """The last line of Ray's message for ``exc`` (the exception that ended the process), without the traceback."""
+    text = str(getattr(exc, "error_msg", None) or exc)
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _cause(exc: Any) -> BaseException:
     """The exception a unit raised on its worker (a PyrefusalError keeps its message), else Ray's."""
     cause = getattr(exc, "cause", None)
@@ -354,10 +385,15 @@ def run_jobs(
     if spec.env:
         options["runtime_env"] = {"env_vars": dict(spec.env)}
     task = ray.remote(_job).options(**options)
-    refs = {task.remote(fn, label, i, job): i for i, job in enumerate(jobs)}
+    pending = deque(range(len(jobs)))
+    limit = spec.workers or len(jobs)  # --ray-workers: at most this many jobs at a time
+    refs: dict[Any, int] = {}
     t = time.perf_counter()
-    log(f"ray: {len(jobs)} {label} job(s) submitted")
-    while refs:
+    log(f"ray: {len(jobs)} {label} job(s), {min(limit, len(jobs))} at a time")
+    while refs or pending:
+        while pending and len(refs) < limit:
+            i = pending.popleft()
+            refs[task.remote(fn, label, i, jobs[i])] = i
         (ref,), _ = ray.wait(list(refs), num_returns=1)
         i = refs.pop(ref)
         try:

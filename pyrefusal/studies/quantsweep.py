@@ -31,6 +31,7 @@ reused on a re-run: finished variants, extractions and completions are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -163,8 +164,9 @@ def run_quant_sweep(
         if cluster is not None and todo:  # the variants' extractions as parallel jobs
             from pyrefusal.cluster.pool import run_jobs  # imports Ray: only with --ray
 
-            jobs = [(config.model, n, config, work, extractions) for n in todo]
-            for i, (v, ld) in run_jobs(variant_job, jobs, cluster, threads=config.n_threads, log=log, label="variant"):
+            jconfig = _job_config(config, cluster)
+            jobs = [(config.model, n, jconfig, work, extractions) for n in todo]
+            for i, (v, ld) in run_jobs(variant_job, jobs, cluster, threads=jconfig.n_threads, log=log, label="variant"):
                 _record_variant(out, extractions, todo[i], v, ld)
         for name in names:
             vpath = out / "variants" / f"{name}.json"
@@ -192,9 +194,10 @@ def run_quant_sweep(
         if cluster is not None:
             from pyrefusal.cluster.pool import run_jobs  # imports Ray: only with --ray
 
-            jobs = [(config, variants[n], directions, _completions_text(out, n)) for n in runnable]
+            jconfig = _job_config(config, cluster)
+            jobs = [(jconfig, variants[n], directions, _completions_text(out, n)) for n in runnable]
             for i, (res, text) in run_jobs(
-                cross_job, jobs, cluster, threads=config.n_threads, log=log, label="cross-application"
+                cross_job, jobs, cluster, threads=jconfig.n_threads, log=log, label="cross-application"
             ):
                 name = runnable[i]
                 write_atomic(out / "completions" / f"{name}.jsonl", text)
@@ -265,6 +268,11 @@ def _cross_apply(
             progress=progress,
         )
     return res.to_dict()
+
+
+def _job_config(config: QuantSweepConfig, cluster: ClusterSpec) -> QuantSweepConfig:
+    """The settings a Ray job runs with: as many llama.cpp threads as CPUs it reserves (1 unless --threads)."""
+    return dataclasses.replace(config, n_threads=cluster.threads or config.n_threads or 1)
 
 
 def _completions_text(out: Path, name: str) -> str:
