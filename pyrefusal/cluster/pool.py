@@ -18,7 +18,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -249,10 +249,12 @@ class RayShards:
         self.workers[k] = self._start()
         self._ready(self.workers[k])
 
-    def _shared(self, arg: Any, refs: dict[int, Any]) -> Any:
+    def _shared(self, arg: Any, refs: dict[int, Any], repeated: set[int]) -> Any:
         """``arg``, or an object-store reference to it when it is a large NumPy array (e.g. the baseline logits
-        ``(n_val, n_vocab)`` that every KL unit reads): put once, read by every unit from the store."""
-        if isinstance(arg, np.ndarray) and arg.nbytes >= SHARE_BYTES:
+        ``(n_val, n_vocab)`` that every KL unit reads) or a container several units share (``repeated``: e.g. the
+        prompt sets every optimize trial scores): put once, read by every unit from the store."""
+        big = isinstance(arg, np.ndarray) and arg.nbytes >= SHARE_BYTES
+        if big or (id(arg) in repeated and isinstance(arg, list | tuple | dict)):
             if id(arg) not in refs:
                 refs[id(arg)] = self.ray.put(arg)
             return refs[id(arg)]
@@ -290,12 +292,14 @@ class RayShards:
         idle = list(range(len(self.workers)))
         inflight: dict[Any, tuple[int, int]] = {}
         shared: dict[int, Any] = {}  # id(array) -> object ref: a large array shared by many units is sent once
+        seen = Counter(id(a) for unit in units for a in unit)
+        repeated = {k for k, n in seen.items() if n > 1}
         t, tokens, done = time.perf_counter(), 0, 0
         last = t
         while pending or inflight:
             while pending and idle:
                 i, k = pending.popleft(), idle.pop(0)
-                args = [self._shared(a, shared) for a in units[i]]
+                args = [self._shared(a, shared, repeated) for a in units[i]]
                 inflight[self.workers[k].call.remote(fn, label, i, *args)] = (k, i)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             k, i = inflight.pop(ref)
