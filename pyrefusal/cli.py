@@ -234,8 +234,18 @@ def settings_from_options(
 
 @click.group(context_settings={"auto_envvar_prefix": "PYREFUSAL", "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyrefusal")
-def main() -> None:
+@click.option(
+    "--llama-log",
+    is_flag=True,
+    help="Print llama.cpp's whole log (loading, buffers, warnings); by default only its errors and useful warnings. "
+    "Same as PYREFUSAL_LLAMA_LOG=1.",
+)
+def main(llama_log: bool = False) -> None:
     """Find, apply and export the refusal direction of chat LLMs across languages (GGUF, llama.cpp)."""
+    if llama_log:  # read by pyrefusal.runtime.capi's log sink (and inherited by worker processes)
+        import os
+
+        os.environ["PYREFUSAL_LLAMA_LOG"] = "1"
 
 
 @main.command()

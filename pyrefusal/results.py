@@ -63,6 +63,10 @@ class EvaluationCell(TypedDict, total=False):
     harmless: dict[str, Any] | None
     first_token_refusal_prob: float | None
     judge: dict[str, Any]
+    # only in languages the substring detector is blind to (stages.results.evaluation_table): its numbers, and the
+    # first-token detector's that make refusal_rate there
+    substring: dict[str, Any]
+    first_token_detector: dict[str, Any]
 
 
 #: ``{lang: {condition: EvaluationCell}}`` in the configured language order.

@@ -75,6 +75,7 @@ def write_report(results: RunResults, completions: Sequence[Completion], path: P
         first = next(iter(by_cond.values()))
         row = [_pct(by_cond.get(c, {}).get("refusal_rate")) for c in conds]
         lines.append(f"| {lang} | " + " | ".join(row) + f" | {first['n']} | {first['detector']} |")
+    lines += _blind_section(ev, conds)
     lines += [
         "",
         "## Refusal rate on harmless test prompts (over-refusal)",
@@ -87,7 +88,10 @@ def write_report(results: RunResults, completions: Sequence[Completion], path: P
         if all(x is None for x in h):
             continue
         n = next(x["n"] for x in h if x)
-        lines.append(f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n} |")
+        blind = " (substring detector blind here)" if any(x and x.get("blind") for x in h) else ""
+        lines.append(
+            f"| {lang} | " + " | ".join(_pct(x["refusal_rate"] if x else None) for x in h) + f" | {n}{blind} |"
+        )
     lines += _capability_section(results.capability, conds)
     lines += _pooled_section(ev, conds)
     lines += _degenerate_section(completions, conds)
@@ -117,6 +121,38 @@ def write_report(results: RunResults, completions: Sequence[Completion], path: P
         lines += ["", f"Earlier invocations of this run directory (resumed since), total seconds: {totals}."]
     lines += ["", f"Versions: {results.versions}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _blind_section(ev: Evaluation, conds: list[str]) -> list[str]:
+    """Languages the substring detector has no phrases for: its blind rates next to the first-token detector's,
+    which made the table above there (``first_token_detector`` cells, issue 15). Nothing when there are none."""
+    blind = {lang: by for lang, by in ev.items() if any("first_token_detector" in e for e in by.values())}
+    if not blind:
+        return []
+    some = next(e for by in blind.values() for e in by.values() if "first_token_detector" in e)
+    fb, sub = some["first_token_detector"], some["substring"]
+    lines = [
+        "",
+        (
+            f"**The substring detector ({sub['detector']}) is blind in {', '.join(blind)}**: it has no refusal "
+            "phrases for these languages and only sees refusals worded in the languages it knows. Their rates "
+            f"above come from the first-token detector ({fb['detector']}): a completion counts as a refusal when "
+            "its first generated token is one the model's own refusals start with (docs/method.md §6.3.1). It "
+            "reads no text, so it is not blind to the language of a refusal, but it misses refusals that start "
+            "with another token and counts compliant answers that start with a refusal token."
+        ),
+        "",
+        "| lang | detector | " + " | ".join(conds) + " | refusal tokens |",
+        "|---|---|" + "---|" * (len(conds) + 1),
+    ]
+    for lang, by in blind.items():
+        cells = [by.get(c, {}).get("first_token_detector") for c in conds]
+        toks = next((x["refusal_tokens"] for x in cells if x), {})
+        first = [_pct(x["refusal_rate"]) if x else "-" for x in cells]
+        substring = [_pct((by.get(c, {}).get("substring") or {}).get("refusal_rate")) for c in conds]
+        lines.append(f"| {lang} | {fb['detector']} | " + " | ".join(first) + f" | {list(toks.values())!r} |")
+        lines.append(f"| {lang} | {sub['detector']} (blind) | " + " | ".join(substring) + " | |")
+    return lines
 
 
 def _prompt_line(cfg: RunSettings) -> str:

@@ -12,9 +12,10 @@ the spirit of llama-cpp-python's ``_internals``:
 Owners free their C objects deterministically: ``close()`` is idempotent, they are context managers, and
 ``__del__`` is only a fallback. A :class:`Context` keeps its :class:`Model` alive; close the context first.
 
-Also here: backend initialisation, log silencing, the log capture used while quantizing (:func:`quantize`),
-the one control-vector packer (:func:`pack_control_vector`, used by :class:`pyrefusal.runtime.Runtime` and by
-:mod:`pyrefusal.steering.steered` for a ``llama_cpp.Llama``), the llama.cpp file-type constants and build facts.
+Also here: backend initialisation, the one llama.cpp log sink (:func:`set_llama_log`), the log capture used
+while quantizing (:func:`quantize`), the one control-vector packer (:func:`pack_control_vector`, used by
+:class:`pyrefusal.runtime.Runtime` and by :mod:`pyrefusal.steering.steered` for a ``llama_cpp.Llama``), the
+llama.cpp file-type constants and build facts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from typing_extensions import Self
 from pyrefusal.errors import HookError, ModelError, PyrefusalError
 
 __all__ = [
+    "GGML_LOG_CONT",
+    "GGML_LOG_DEBUG",
     "GGML_LOG_ERROR",
+    "GGML_LOG_INFO",
+    "GGML_LOG_NONE",
+    "GGML_LOG_WARN",
+    "HARMLESS_WARNINGS",
     "Batch",
     "Context",
     "ContextParams",
@@ -51,9 +58,11 @@ __all__ = [
     "gpu_offload_supported",
     "init_backend",
     "llama_cpp_version",
+    "llama_log_wanted",
     "model_n_layer",
     "pack_control_vector",
     "quantize",
+    "set_llama_log",
     "silence_logs",
     "system_info",
 ]
@@ -63,8 +72,9 @@ LlamaModelPtr = NewType("LlamaModelPtr", object)
 #: An opaque ``llama_context *`` (e.g. ``llama_cpp.Llama.ctx``).
 LlamaContextPtr = NewType("LlamaContextPtr", object)
 
-#: ggml's log level of errors (``GGML_LOG_LEVEL_ERROR``).
-GGML_LOG_ERROR = 4
+#: ggml's log levels (``enum ggml_log_level``; llama-cpp-python 0.3.x's own log callback still uses the older
+#: numbering and prints WARN lines as errors, which is why its ``verbose=False`` lets warnings through).
+GGML_LOG_NONE, GGML_LOG_DEBUG, GGML_LOG_INFO, GGML_LOG_WARN, GGML_LOG_ERROR, GGML_LOG_CONT = 0, 1, 2, 3, 4, 5
 
 # --- process-wide state: backend and logs -----------------------------------------------------
 
@@ -79,45 +89,103 @@ def init_backend() -> None:
         _backend_ready = True
 
 
+HARMLESS_WARNINGS: tuple[re.Pattern[str], ...] = (
+    # a LoRA (the ablation adapter) on a weight that llama.cpp repacked for its CPU kernels stays in a plain CPU
+    # buffer: one line per adapted tensor, 12 on Qwen2.5-0.5B; the adapter works as intended
+    re.compile(r"cannot use buft 'CPU_REPACK', fallback to CPU"),
+    # Qwen2.5 GGUFs mark '</s>' as a normal token; llama.cpp fixes its type itself, on every load
+    re.compile(r"control-looking token: .* was not control-type"),
+    # a context shorter than the training context: pyrefusal picks n_ctx on purpose
+    re.compile(r"n_ctx_per_seq \(\d+\) < n_ctx_train \(\d+\)"),
+    re.compile(r"n_ctx_seq \(\d+\) < n_ctx_train \(\d+\)"),
+)
+"""llama.cpp warnings that say nothing a pyrefusal user can act on; hidden unless the full log is asked for."""
+
+_captured: list[tuple[int, str]] | None = None
+_show_all = False
+_last_shown = False  # whether the last line was shown (GGML_LOG_CONT lines continue it)
+
+
+def llama_log_wanted(level: int, text: str) -> bool:
+    """Whether pyrefusal's llama.cpp log sink prints a line (without ``PYREFUSAL_LLAMA_LOG`` / ``--llama-log``).
+
+    Errors always; warnings unless they match :data:`HARMLESS_WARNINGS`; info and debug chatter (loading
+    banners, tensor lists, context sizes) never. A ``GGML_LOG_CONT`` line follows the line it continues (the
+    sink handles that).
+    """
+    if level == GGML_LOG_ERROR:
+        return True
+    if level == GGML_LOG_WARN:
+        return not any(p.search(text) for p in HARMLESS_WARNINGS)
+    return False
+
+
+def _log_everything() -> bool:
+    return _show_all or os.environ.get("PYREFUSAL_LLAMA_LOG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 @llama_cpp.llama_log_callback
-def _null_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    return None
+def _log_sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """The one llama.cpp log callback: filters (:func:`llama_log_wanted`) and, while :func:`captured_logs`
+    runs, collects. Never raises (an exception cannot cross the C boundary)."""
+    global _last_shown
+    try:
+        line = text.decode("utf-8", errors="replace")
+        if _captured is not None:
+            _captured.append((int(level), line))
+            del _captured[:-400]  # keep the tail only
+            show = _log_everything()  # the capturing caller turns the lines into its own error
+        elif level == GGML_LOG_CONT:
+            show = _last_shown
+        else:
+            show = _log_everything() or llama_log_wanted(int(level), line)
+        _last_shown = show
+        if show:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    except Exception:  # noqa: BLE001, S110  (nothing may escape into llama.cpp; a lost log line is harmless)
+        pass
+
+
+def set_llama_log(*, verbose: bool | None = None) -> None:
+    """Route llama.cpp's (and ggml's) log through pyrefusal's sink (``llama_log_set``), replacing llama-cpp-python's.
+
+    The sink prints llama.cpp's errors and its warnings but :data:`HARMLESS_WARNINGS`, and drops info and debug
+    lines; with ``verbose=True`` (or ``PYREFUSAL_LLAMA_LOG=1``, or the CLI's ``--llama-log``) it prints every
+    line. Installed when this module is imported and again whenever pyrefusal loads a model, so a
+    ``llama_cpp.Llama`` (``SteeredModel``, ``chat``, ``serve``) logs through it too. The callback object is a
+    module global, so it outlives every model.
+
+    Args:
+        verbose: ``True`` prints the full log, ``False`` filters again, ``None`` keeps the current choice.
+    """
+    global _show_all
+    if verbose is not None:
+        _show_all = verbose
+    llama_cpp.llama_log_set(_log_sink, ctypes.c_void_p(0))
 
 
 def silence_logs() -> None:
-    """Route llama.cpp's log output to nowhere unless PYREFUSAL_LLAMA_LOG is set."""
-    if os.environ.get("PYREFUSAL_LLAMA_LOG"):
-        return
-    llama_cpp.llama_log_set(_null_log, ctypes.c_void_p(0))
-
-
-_captured: list[tuple[int, str]] | None = None
-
-
-@llama_cpp.llama_log_callback
-def _collect_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp log sink while capturing: keeps the lines for error messages, echoes them when asked."""
-    line = text.decode(errors="replace")
-    if _captured is not None:
-        _captured.append((int(level), line))
-        del _captured[:-400]  # keep the tail only
-    if os.environ.get("PYREFUSAL_LLAMA_LOG"):
-        sys.stderr.write(line)
+    """Install the filtering log sink (:func:`set_llama_log`); kept under its old name (it no longer drops
+    errors: llama.cpp's errors are printed, its info chatter and harmless warnings are not)."""
+    set_llama_log()
 
 
 @contextmanager
 def captured_logs() -> Iterator[list[tuple[int, str]]]:
-    """Collect llama.cpp's log lines ``(level, text)`` (the last 400) while the block runs, then silence the
-    logs again (:func:`silence_logs`). Lines are echoed to stderr when PYREFUSAL_LLAMA_LOG is set."""
+    """Collect llama.cpp's log lines ``(level, text)`` (the last 400) while the block runs instead of printing
+    them (they are printed too with ``PYREFUSAL_LLAMA_LOG``), then filter the log again."""
     global _captured
     lines: list[tuple[int, str]] = []
     _captured = lines
-    llama_cpp.llama_log_set(_collect_log, ctypes.c_void_p(0))
+    set_llama_log()
     try:
         yield lines
     finally:
         _captured = None
-        silence_logs()
+
+
+set_llama_log()  # from import on: llama-cpp-python's own callback prints warnings as errors
 
 
 # --- build facts ----------------------------------------------------------------------------

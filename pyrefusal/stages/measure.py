@@ -32,21 +32,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pyrefusal.data.polyrefuse import PolyRefuse, Prompt
 from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.method.intervention import Intervention
-from pyrefusal.method.selection import kl_divergence, refusal_openings, refusal_token_ids
+from pyrefusal.method.refusal import FIRST_TOKEN_DETECTOR, SubstringDetector
+from pyrefusal.method.selection import kl_divergence, log_softmax, refusal_openings, refusal_token_ids
 from pyrefusal.rundir import digest, write_atomic
 from pyrefusal.runtime import ModelRunner
+from pyrefusal.settings import RunSettings
+from pyrefusal.stages.sample import probe_prompts
+from pyrefusal.stages.tokens import derive_refusal_tokens
 from pyrefusal.steering import router
 
 __all__ = [
     "CapabilityReport",
     "Metrics",
     "capability_report",
+    "fallback_refusal_tokens",
     "first_token_kl",
     "heldout_texts",
     "measure_capability",
+    "measure_fallback_refusal",
     "measure_first_token_refusal",
     "perplexity",
     "text_nll",
@@ -274,7 +282,8 @@ class Metrics:
     """``metrics.json`` of a run: the measure stage's model-dependent numbers, cached between invocations.
 
     ``{"first_token": {lang: {condition: mean p_R}}, "capability": {condition: CapabilityReport dict},
-    "first_token_prompts": {lang: digest of the harmful test ids}, "steering": {condition: "hook"|"graph"|...}}``.
+    "first_token_prompts": {lang: digest of the harmful test ids}, "steering": {condition: "hook"|"graph"|...}}``,
+    plus ``"fallback"`` (:attr:`fallback`) only in runs with languages the substring detector is blind to.
     Wraps the stored dict so that its key order (and bytes) stay as written.
     """
 
@@ -295,6 +304,12 @@ class Metrics:
         return self.data["capability"]
 
     @property
+    def fallback(self) -> dict[str, Any]:
+        """``{lang: record}`` of the first-token detector where the substring detector is blind
+        (:func:`measure_fallback_refusal`); created on first use so that other runs' files keep their bytes."""
+        return self.data.setdefault("fallback", {})
+
+    @property
     def steering(self) -> dict[str, str]:
         """``{condition: steering path(s) used}``."""
         return self.data["steering"]
@@ -311,6 +326,7 @@ class Metrics:
             key = digest(*(p.id for p in kinds.get("harmful", [])))
             if lang in ids and ids[lang] != key:
                 self.first_token.pop(lang, None)
+                self.data.get("fallback", {}).pop(lang, None)
             ids[lang] = key
 
     def note_routes(self, routes: Mapping[str, str]) -> None:
@@ -390,3 +406,151 @@ def measure_capability(
         )
         out[cond] = rep.to_dict()
         save()
+
+
+FALLBACK_PROBE = 32
+"""Harmful train prompts per language generated to derive the fallback detector's refusal tokens."""
+FALLBACK_PROBE_TOKENS = 8
+"""Tokens generated per probe prompt: enough for the substring detector to see a refusal opening."""
+
+
+def fallback_refusal_tokens(
+    runtime: ModelRunner,
+    data: PolyRefuse,
+    lang: str,
+    config: RunSettings,
+    detector: SubstringDetector,
+    *,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The refusal tokens R of the first-token detector for ``lang`` (a language ``detector`` is blind to).
+
+    R is the union, in this order, of
+      1. ``run:<source>``: the run's own refusal tokens (``--refusal-openings`` or the table of the source
+         language for the model's family, as the direction was selected with);
+      2. ``derived:<source>``: first tokens of the model's refusals to :data:`FALLBACK_PROBE` harmful train prompts
+         of the source language (greedy, :data:`FALLBACK_PROBE_TOKENS` tokens, refusals judged by ``detector``;
+         :func:`pyrefusal.stages.tokens.derive_refusal_tokens`, which falls back to the table when the model
+         refused fewer than 3 of them);
+      3. ``derived:<lang>``: the same on ``lang``'s own harmful train prompts when the data has them. There
+         ``detector`` checks every language's markers, so a refusal written in a neighbouring covered language
+         ("我不能…" to a Cantonese prompt, "Я не могу…" to a Ukrainian one) votes with its first token.
+
+    Args:
+        runtime: the run's model (no plan armed).
+        data: the run's PolyRefuse copy.
+        lang: the blind language.
+        config: the run's settings (source language, refusal openings, seed, system prompt).
+        detector: the run's substring detector.
+        source: the source part (1 and 2) computed for another language, reused as is.
+
+    Returns:
+        ``{"ids": [...], "strings": [...], "sources": {name: [ids]}, "notes": {name: note}}``; ``"source"`` holds
+        parts 1 and 2 (pass it back as ``source`` for the next language).
+    """
+    family = getattr(runtime, "family", None)
+    src = config.source_lang
+
+    def derive(code: str) -> tuple[list[int], str]:
+        """First tokens of the model's refusals to ``code``'s harmful train prompts, and how they were found."""
+        probe = probe_prompts(data, code, FALLBACK_PROBE, config.seed)
+        toks = derive_refusal_tokens(
+            runtime,
+            probe,
+            code,
+            detector=detector,
+            max_new_tokens=FALLBACK_PROBE_TOKENS,
+            system=config.system_prompt,
+            batch_size=runtime.n_seq_max,
+        )
+        return toks.ids, f"{toks.method}, {toks.n_refusals}/{toks.n_prompts} refusals. {toks.note}".strip()
+
+    if source is None:
+        run_ids = refusal_token_ids(lambda w: runtime.tokenize(w), src, config.refusal_openings or None, family)
+        source = {"sources": {f"run:{src}": run_ids}, "notes": {}}
+        if data.has(src, "train", "harmful"):
+            source["sources"][f"derived:{src}"], source["notes"][f"derived:{src}"] = derive(src)
+    parts: dict[str, list[int]] = dict(source["sources"])
+    notes: dict[str, str] = dict(source["notes"])
+    if lang != src and data.has(lang, "train", "harmful"):
+        try:
+            parts[f"derived:{lang}"], notes[f"derived:{lang}"] = derive(lang)
+        except PyrefusalError:  # no refusal the markers see and no table for lang: nothing to add
+            notes[f"derived:{lang}"] = (
+                f"none: no first token of a refusal the substring markers see in {FALLBACK_PROBE} harmful train prompts"
+            )
+    ids = list(dict.fromkeys(i for part in parts.values() for i in part))
+    return {
+        "ids": ids,
+        "strings": [runtime.detokenize([i]) for i in ids],
+        "sources": parts,
+        "notes": notes,
+        "source": source,
+    }
+
+
+def measure_fallback_refusal(
+    runtime: ModelRunner,
+    data: PolyRefuse,
+    test: Mapping[str, Mapping[str, Sequence[Prompt]]],
+    blind: Sequence[str],
+    interventions: Mapping[str, Intervention],
+    config: RunSettings,
+    detector: SubstringDetector,
+    metrics: Metrics,
+    log: Callable[[str], None],
+) -> None:
+    """The first-token detector's measurements for the languages the substring detector is blind to (issue 15).
+
+    For each blind language with harmful test prompts: its refusal tokens R (:func:`fallback_refusal_tokens`) and,
+    per condition, one forward pass over its harmful test prompts under that condition giving, per prompt, the
+    greedy first token (the argmax at the first answer position: the first token of the greedy completion) and
+    ``p_R``. The evaluation table turns them into per-completion verdicts "first token in R"
+    (:func:`pyrefusal.method.refusal.greedy_first_token_refused`). Stored in ``metrics.fallback``:
+    ``{lang: {"detector", "refusal_tokens": {"ids", "strings", "sources", "notes"}, "prompt_ids",
+    "greedy_token": {condition: [token id per prompt]}, "p_refusal": {condition: [p_R per prompt]}}}``; what is
+    there is reused (resume), and ``metrics`` is saved after each condition.
+    """
+    source: dict[str, Any] | None = None
+    for lang in blind:
+        prompts = test.get(lang, {}).get("harmful", [])
+        if not prompts:
+            continue
+        rec = metrics.fallback.get(lang)
+        ids_now = [p.id for p in prompts]
+        if rec is None or rec.get("detector") != FIRST_TOKEN_DETECTOR or rec.get("prompt_ids") != ids_now:
+            toks = fallback_refusal_tokens(runtime, data, lang, config, detector, source=source)
+            source = toks.pop("source")
+            rec = metrics.fallback[lang] = {
+                "detector": FIRST_TOKEN_DETECTOR,
+                "refusal_tokens": toks,
+                "prompt_ids": ids_now,
+                "greedy_token": {},
+                "p_refusal": {},
+            }
+            metrics.save()
+        log(
+            f"{lang}: the {detector.name} detector is blind here; refusal rates from the first-token detector "
+            f"(a completion whose first token is in R = {rec['refusal_tokens']['ids']} "
+            f"{rec['refusal_tokens']['strings']}, the first tokens of the model's own refusals)"
+        )
+        if f"derived:{lang}" not in rec["refusal_tokens"]["sources"]:
+            log(
+                f"warning: {lang}: no refusal of the model was recognised in {lang}'s harmful train prompts (or it "
+                f"has none), so R holds only {config.source_lang} tokens and refusals worded in {lang} are likely "
+                "missed by the first-token detector too (docs/results/detector-fallback-qwen1.5b); add --judge"
+            )
+        toks_in = [runtime.chat_tokens(p.text, config.system_prompt) for p in prompts]
+        ids = rec["refusal_tokens"]["ids"]
+        greedy = rec["greedy_token"]
+        for cond in config.conditions:
+            if cond in rec["p_refusal"] and cond in greedy:
+                continue
+            router.arm(runtime, interventions[cond])
+            try:
+                logp = log_softmax(runtime.last_logits(toks_in))  # (n_prompts, n_vocab) float64
+            finally:
+                runtime.clear_plan()
+            rec["p_refusal"][cond] = [float(x) for x in np.exp(logp[:, ids]).sum(axis=1)]  # p_R per prompt
+            greedy[cond] = [int(t) for t in logp.argmax(axis=1)]  # the greedy completion's first token
+            metrics.save()

@@ -16,17 +16,25 @@ from typing import Any
 
 import numpy as np
 
+from pyrefusal.method.refusal import greedy_first_token_refused
 from pyrefusal.method.selection import Selection
 from pyrefusal.results import Evaluation, EvaluationCell, RunResults
 from pyrefusal.rundir import previous_timings
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import RunSettings
-from pyrefusal.stages.generate import Completion, budget_grid, summarize
+from pyrefusal.stages.generate import Completion, budget_grid, summarize, wilson_interval
 from pyrefusal.stages.layout import PromptRecord, RunPaths
 from pyrefusal.stages.measure import Metrics
 from pyrefusal.stages.sample import PromptSample
 
-__all__ = ["assemble_results", "evaluation_table", "recorded_versions", "runtime_timings", "strict_json"]
+__all__ = [
+    "assemble_results",
+    "evaluation_table",
+    "fallback_cells",
+    "recorded_versions",
+    "runtime_timings",
+    "strict_json",
+]
 
 
 def recorded_versions() -> dict[str, Any]:
@@ -56,6 +64,37 @@ def runtime_timings(runner: ModelRunner) -> dict[str, float]:
     return {"runtime_" + k: v for k, v in asdict(runner.timings).items() if k != "extra"}
 
 
+def fallback_cells(fallback: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The first-token detector's rates per language and condition, from ``metrics.json``'s ``"fallback"``
+    (:func:`pyrefusal.stages.measure.measure_fallback_refusal`): a completion is a refusal when its first generated
+    token is in R (:func:`pyrefusal.method.refusal.greedy_first_token_refused`).
+
+    Returns:
+        ``{lang: {condition: {"detector", "n", "refused", "refusal_rate", "refusal_rate_ci95", "mean_p_refusal",
+        "refusal_tokens": {id: text}, "token_sources": {source: [ids]}}}}``: what
+        ``results["evaluation"][lang][condition]["first_token_detector"]`` holds.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for lang, rec in fallback.items():
+        toks = rec["refusal_tokens"]
+        for cond, first in rec.get("greedy_token", {}).items():
+            ps = rec.get("p_refusal", {}).get(cond) or []
+            if not first:
+                continue
+            k = sum(greedy_first_token_refused(first, toks["ids"]))
+            out.setdefault(lang, {})[cond] = {
+                "detector": rec["detector"],
+                "n": len(first),
+                "refused": k,
+                "refusal_rate": k / len(first),
+                "refusal_rate_ci95": list(wilson_interval(k, len(first))),
+                "mean_p_refusal": sum(ps) / len(ps) if ps else None,
+                "refusal_tokens": {str(i): t for i, t in zip(toks["ids"], toks["strings"], strict=True)},
+                "token_sources": toks["sources"],
+            }
+    return out
+
+
 def evaluation_table(
     completions: Sequence[Completion],
     max_new_tokens: int,
@@ -64,8 +103,15 @@ def evaluation_table(
     first_token: Mapping[str, Mapping[str, float | None]],
     judged: Mapping[str, Mapping[str, Any]],
     paths: RunPaths,
+    fallback: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> Evaluation:
     """``results["evaluation"]``: ``{lang: {condition: EvaluationCell}}`` in ``target_langs`` order.
+
+    Where ``fallback`` has a cell (a language the substring detector is blind to), that cell's ``refusal_rate``,
+    ``refusal_rate_ci95`` and ``detector`` are the first-token detector's, ``refusal_by_budget`` is ``None`` (it
+    reads one position), the substring detector's numbers move to ``"substring"`` with ``"blind": true``, the
+    first-token detector's record is under ``"first_token_detector"``, and ``harmless`` gets ``"blind": true``
+    (its rates stay the substring detector's). Other cells are as before, byte for byte.
 
     Args:
         completions: the run's completions (configured languages and conditions only).
@@ -75,6 +121,8 @@ def evaluation_table(
         first_token: ``{lang: {condition: first-token refusal probability}}`` (measured with the model).
         judged: ``{lang: {condition: judge rates}}`` (empty without a judge).
         paths: the run directory (names the completions file in each cell).
+        fallback: ``{lang: {condition: first-token detector cell}}`` (:func:`fallback_cells`) for the languages
+            the substring detector is blind to.
     """
     summary = summarize(completions, budget_grid(max_new_tokens))
     evaluation: Evaluation = {}
@@ -95,6 +143,22 @@ def evaluation_table(
             }
             if judged.get(lang, {}).get(cond):
                 cell["judge"] = judged[lang][cond]
+            fb = (fallback or {}).get(lang, {}).get(cond)
+            if fb is not None:  # the substring detector is blind in lang: the first-token detector's rates
+                cell["substring"] = {
+                    "detector": cell["detector"],
+                    "blind": True,
+                    "refusal_rate": cell["refusal_rate"],
+                    "refusal_rate_ci95": cell["refusal_rate_ci95"],
+                    "refusal_by_budget": cell["refusal_by_budget"],
+                }
+                cell["refusal_rate"] = fb["refusal_rate"]
+                cell["refusal_rate_ci95"] = fb["refusal_rate_ci95"]
+                cell["detector"] = fb["detector"]
+                cell["refusal_by_budget"] = None
+                cell["first_token_detector"] = dict(fb)
+                if cell["harmless"] is not None:
+                    cell["harmless"] = {**cell["harmless"], "blind": True}
             evaluation[lang][cond] = cell
     return {lang: evaluation[lang] for lang in target_langs if lang in evaluation}  # config order
 
@@ -131,8 +195,9 @@ def assemble_results(
         timings: seconds per stage of this invocation (``total`` included).
     """
     first_token = {lang: metrics.first_token.get(lang, {}) for lang in sample.test}
+    fallback = fallback_cells(metrics.data.get("fallback", {}))  # languages the substring detector is blind to
     evaluation = evaluation_table(
-        completions, config.max_new_tokens, config.target_langs, detector_name, first_token, judged, paths
+        completions, config.max_new_tokens, config.target_langs, detector_name, first_token, judged, paths, fallback
     )
     results: dict[str, Any] = {
         "model": runner.info().to_dict(),

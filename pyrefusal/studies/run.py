@@ -41,7 +41,7 @@ from pyrefusal.stages.extract import extract_stage
 from pyrefusal.stages.generate import configured, generate_stage, read_jsonl, substring_detector, wanted_pairs
 from pyrefusal.stages.judge import judge_completions
 from pyrefusal.stages.layout import RunPaths
-from pyrefusal.stages.measure import Metrics, measure_capability, measure_first_token_refusal
+from pyrefusal.stages.measure import Metrics, measure_capability, measure_fallback_refusal, measure_first_token_refusal
 from pyrefusal.stages.results import assemble_results, evaluation_table
 from pyrefusal.stages.sample import sample_prompts
 from pyrefusal.stages.select import select_stage
@@ -213,8 +213,10 @@ def _run(
         log(
             f"warning: the {detector.name} refusal detector has no phrases for {', '.join(blind)}: it only sees "
             "refusals worded in the languages it knows, so its refusal rates there can read ~0% while the model "
-            "refuses. Read first_token_refusal_prob (judge-free, in results.json and report.md) for those "
-            "languages, or add --judge; results.json lists them under detector_blind_languages"
+            "refuses. Their refusal rates come from the first-token detector instead (first token among those "
+            "the model's own refusals start with; the blind substring rates stay under 'substring', "
+            "first_token_refusal_prob beside them); add --judge for a judge. results.json lists them under "
+            "detector_blind_languages"
         )
     interventions = iv.paper_conditions(direction, selection.layer, seed=config.seed)
     # The fastest exact path: on a GPU the hook costs a device sync per hooked node, so llama.cpp's
@@ -261,6 +263,8 @@ def _run(
     measure_first_token_refusal(
         rt, sample.test, interventions, config.conditions, system, metrics.first_token, metrics.save
     )
+    if blind:  # issue 15: where the substring detector is blind, the first-token detector makes the refusal rates
+        measure_fallback_refusal(rt, data, sample.test, blind, interventions, config, detector, metrics, log)
     if config.capability:
         measure_capability(
             rt,
@@ -341,10 +345,15 @@ def rerender(out: Path, *, log: Log = print) -> dict[str, Any]:
         old = results.evaluation
         first_token = {lang: {c: e.get("first_token_refusal_prob") for c, e in by.items()} for lang, by in old.items()}
         judged = {lang: {c: e["judge"] for c, e in by.items() if e.get("judge")} for lang, by in old.items()}
-        stored = [e["detector"] for by in old.values() for e in by.values() if e.get("detector")]
+        stored = [e.get("substring", e)["detector"] for by in old.values() for e in by.values() if e.get("detector")]
         detector = stored[0] if stored else settings.detector
+        # the first-token detector's cells of languages the substring detector is blind to (issue 15), as stored
+        fallback = {
+            lang: {c: e["first_token_detector"] for c, e in by.items() if "first_token_detector" in e}
+            for lang, by in old.items()
+        }
         results.evaluation = evaluation_table(
-            completions, settings.max_new_tokens, settings.target_langs, detector, first_token, judged, paths
+            completions, settings.max_new_tokens, settings.target_langs, detector, first_token, judged, paths, fallback
         )
         write_run_outputs(results, Selection.load(paths.selection), completions, paths, log)
         return results.data
