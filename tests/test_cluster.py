@@ -93,6 +93,7 @@ def test_sharded_run_equals_single_process(local_ray, single, tiny_model, polyre
     log = _invoke([*_args(tiny_model[0], polyrefuse_dir, out), "--ray", "--ray-workers", "2"])
     assert "ray: 2 model replica(s)" in log
     assert "ray: generation: 36 units" in log  # 2 languages x 6 conditions x 3 batches of 2 prompts
+    assert "ray: first-token refusal: 12 units" in log and "ray: capability: 5 units" in log
     _same_run(single, out)
     # the sharded directory resumes without Ray, and reports the same
     assert "reusing candidates.npz" in _invoke(_args(tiny_model[0], polyrefuse_dir, out))

@@ -43,6 +43,7 @@ from pyrefusal.rundir import digest, write_atomic
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.settings import RunSettings
 from pyrefusal.stages.sample import probe_prompts
+from pyrefusal.stages.shards import Serial, Shards, in_order
 from pyrefusal.stages.tokens import derive_refusal_tokens
 from pyrefusal.steering import router
 
@@ -346,14 +347,16 @@ def measure_first_token_refusal(
     system: str | None,
     out: dict[str, dict[str, float]],
     save: Callable[[], None],
+    shards: Shards | None = None,
 ) -> None:
     """Mean probability of the target language's refusal tokens at the first answer position (no generation).
 
     Fills ``out[lang][condition]`` where missing (values from an earlier call are kept) and calls
-    ``save`` after each language.
+    ``save`` after each language (with ``shards``: after each value, one unit per language and condition on the
+    model replicas).
     """
-    from pyrefusal.stages.judge import first_token_refusal
-
+    units: list[tuple[str, list[list[int]], list[int], Intervention]] = []
+    keys: list[tuple[str, str]] = []  # (lang, condition) of each unit
     for lang, kinds in test.items():
         prompts = kinds.get("harmful", [])
         todo = [c for c in conditions if c not in out.get(lang, {})]
@@ -362,13 +365,35 @@ def measure_first_token_refusal(
         openings = refusal_openings(lang, runtime.family) or refusal_openings("en", runtime.family)
         ids = refusal_token_ids(lambda w: runtime.tokenize(w), lang, openings)
         toks = [runtime.chat_tokens(p.text, system) for p in prompts]
+        if shards is not None:
+            units += [(lang, toks, ids, interventions[cond]) for cond in todo]
+            keys += [(lang, cond) for cond in todo]
+            continue
         for cond in todo:
-            router.arm(runtime, interventions[cond])
-            try:
-                out.setdefault(lang, {})[cond] = float(first_token_refusal(runtime, toks, ids).mean())
-            finally:
-                runtime.clear_plan()
+            out.setdefault(lang, {})[cond] = first_token_unit(runtime, lang, toks, ids, interventions[cond])
         save()
+    if shards is not None:
+
+        def record(i: int, value: float) -> None:
+            lang, cond = keys[i]
+            out.setdefault(lang, {})[cond] = value
+            save()
+
+        in_order(shards.map(first_token_unit, units, label="first-token refusal"), record)
+
+
+def first_token_unit(
+    runtime: ModelRunner, lang: str, tokens: list[list[int]], ids: list[int], intervention: Intervention
+) -> float:
+    """Measure unit: mean refusal-token probability at the first answer position of ``tokens`` (one language's
+    chat-formatted harmful prompts) under ``intervention``."""
+    from pyrefusal.stages.judge import first_token_refusal
+
+    router.arm(runtime, intervention)
+    try:
+        return float(first_token_refusal(runtime, tokens, ids).mean())
+    finally:
+        runtime.clear_plan()
 
 
 def measure_capability(
@@ -380,12 +405,14 @@ def measure_capability(
     system: str | None,
     out: dict[str, Any],
     save: Callable[[], None],
+    shards: Shards | None = None,
 ) -> None:
     """Perplexity on held-out English text and first-token KL on harmless prompts, per intervention
     (:func:`capability_report`): ``n_texts`` English harmless test prompts as texts, the next ``n_texts``
     as KL prompts.
 
-    Fills ``out[condition]`` where missing and calls ``save`` after each condition.
+    Fills ``out[condition]`` where missing and calls ``save`` after each condition (with ``shards``: one unit
+    per condition on the model replicas).
     """
     # the test split is disjoint from train/val by construction (docs/method.md §1.2)
     pool = data.load("en", "test", "harmless") if data.has("en", "test", "harmless") else []
@@ -393,19 +420,28 @@ def measure_capability(
         return
     texts = [p.text for p in pool[:n_texts]]
     kl_prompts = [runtime.chat_tokens(p.text, system) for p in pool[n_texts : 2 * n_texts]]
-    for cond in conditions:
-        if cond == "baseline" or cond in out:
-            continue
-        rep = capability_report(
-            runtime,
-            texts,
-            kl_prompts,
-            lambda r, c=cond: router.arm(r, interventions[c]),
-            condition=cond,
-            text_source="polyrefuse:en/test/harmless (unused by train/val)",
-        )
-        out[cond] = rep.to_dict()
+    todo = [c for c in conditions if c != "baseline" and c not in out]
+    units = [(texts, kl_prompts, interventions[c], c) for c in todo]
+
+    def record(i: int, value: dict[str, Any]) -> None:
+        out[todo[i]] = value
         save()
+
+    in_order((shards or Serial(runtime)).map(capability_unit, units, label="capability"), record)
+
+
+def capability_unit(
+    runtime: ModelRunner, texts: list[str], kl_prompts: list[list[int]], intervention: Intervention, condition: str
+) -> dict[str, Any]:
+    """Measure unit: :func:`capability_report` of one intervention (``condition``), as stored in ``metrics.json``."""
+    return capability_report(
+        runtime,
+        texts,
+        kl_prompts,
+        lambda r: router.arm(r, intervention),
+        condition=condition,
+        text_source="polyrefuse:en/test/harmless (unused by train/val)",
+    ).to_dict()
 
 
 FALLBACK_PROBE = 32

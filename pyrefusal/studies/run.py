@@ -261,7 +261,7 @@ def _run(
     metrics.note_routes(routes)
     metrics.save()
     measure_first_token_refusal(
-        rt, sample.test, interventions, config.conditions, system, metrics.first_token, metrics.save
+        rt, sample.test, interventions, config.conditions, system, metrics.first_token, metrics.save, shards
     )
     if blind:  # issue 15: where the substring detector is blind, the first-token detector makes the refusal rates
         measure_fallback_refusal(rt, data, sample.test, blind, interventions, config, detector, metrics, log)
@@ -275,6 +275,7 @@ def _run(
             system,
             metrics.capability,
             metrics.save,
+            shards,
         )
     timings["metrics"] = time.perf_counter() - t
     judged: dict[str, Any] = {}
