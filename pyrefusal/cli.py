@@ -549,40 +549,85 @@ def export_lora(
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--out-type", default=None, help="Quantization of the output (default: the base's, tensor by tensor).")
 @click.option("--allow-requantize", is_flag=True, help="Allow --out-type on an already-quantized base.")
+@click.option(
+    "--requant",
+    type=click.Choice(["refit", "plain"]),
+    default="refit",
+    show_default=True,
+    help="refit: requantize the edited matrices direction-aware (each block on the base's or llama.cpp's scales, "
+    "whichever is closer; quant values re-fitted so the direction stays removed); plain: llama.cpp's alone.",
+)
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The same model in F16/F32/BF16 GGUF (the original checkpoint converted, e.g. convert_hf_to_gguf.py "
+    "--outtype f16; it cannot be made from the quantized file): the edited matrices are computed from it, then "
+    "quantized to the base's types.",
+)
+@click.option(
+    "--edited-type",
+    default=None,
+    help="Store the edited matrices in this type (e.g. q8_0) instead of their base types: closer to the "
+    "ablation, bigger file (Qwen2.5-0.5B Q4_K_M: +20%).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip comparing the merged model with the hook-ablated base.")
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+@click.option("--paper", is_flag=True, help="Merge the run's own direction even when `optimize --pick` chose a trial.")
 @click.option("--force", is_flag=True, help="Replace the file given with -o if it exists.")
 def export_merged_cmd(
     run_dir: Path,
     output: Path | None,
     out_type: str | None,
     allow_requantize: bool,
+    requant: str,
+    source: Path | None,
+    edited_type: str | None,
     no_validate: bool,
     model: str | None,
+    paper: bool,
     force: bool,
 ) -> None:
-    """Orthogonalized full GGUF (writers W <- W - r̂r̂ᵀW), requantized; reports the requantization error."""
+    """Orthogonalized full GGUF (writers W <- W - r̂r̂ᵀW), requantized; reports how ablated it still is.
+
+    When `pyrefusal optimize RUN_DIR --pick N` wrote RUN_DIR/optimize/pick.json, that trial's partial-weight
+    ablation (W <- W - w(l) r̂r̂ᵀW per writer) is merged instead (unless --paper)."""
     from pyrefusal.steering.merge import export_merged
+    from pyrefusal.studies.optimize import load_pick
 
     try:
         _check_output(output, force)
         resolved, r, results = _run_artifacts(run_dir, model)
+        chosen = None if paper else load_pick(run_dir)
+        prov = _provenance(results, run_dir)
+        what: Any = r
         out = output or run_dir / "refusal-ablated-merged.gguf"
+        if chosen is not None:
+            what, record = chosen
+            prov["optimize_trial"] = record["trial"]
+            out = output or run_dir / f"refusal-optimize-trial{record['trial']}-merged.gguf"
+            click.echo(
+                f"merging optimize trial {record['trial']} (optimize/pick.json; --paper: the run's direction)", err=True
+            )
         report = export_merged(
             resolved.path,
-            r,
+            what,
             out,
-            provenance=_provenance(results, run_dir),
+            provenance=prov,
             out_type=out_type,
             allow_requantize=allow_requantize,
+            requant=requant,  # type: ignore[arg-type]
+            source=source,
+            edited_type=edited_type,
             validate=not no_validate,
             log=lambda s: click.echo(s, err=True),
         )
-        report.save(out.with_suffix(".report.json"))
+        saved = report.save(out.with_suffix(".report.json"))
     except PyrefusalError as e:
         _fail(e)
         return
-    click.echo(json.dumps(report.to_dict(), indent=1, default=str))
+    click.echo(f"{report.summary()}\nreport: {saved}\nuse: llama-cli -m {out}")
 
 
 def _steering_options(f: Any) -> Any:

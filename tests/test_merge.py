@@ -16,7 +16,7 @@ import pytest
 
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.runtime.runtime import Runtime
-from pyrefusal.steering import merge
+from pyrefusal.steering import merge, requant
 from tests.tiny_model import TinySpec, orthogonalize, reference_logits
 
 EDITED = ("token_embd.weight", "attn_output.weight", "ffn_down.weight")
@@ -74,6 +74,7 @@ def test_f32_merge_equals_hook_ablation_and_reference(
     assert v is not None
     assert v["max_abs_dlogit"] < 1e-4, v  # merged == hook ablation
     assert v["top1_agreement"] == 1.0 and v["identical_completions"] == v["n_prompts"]
+    assert v["forced_agreement"] == 1.0 and v["token_agreement"] == 1.0
     assert v["ablation_kl_mean"] > 1e-3  # the ablation does change the model: the comparison means something
     assert (rep.base_file_type, rep.out_file_type, rep.untied_output, rep.types_changed) == ("F32", "F32", False, {})
     assert rep.edited == 1 + 2 * tiny_spec.n_layer
@@ -183,6 +184,251 @@ def test_bad_inputs_say_how_to_fix(tiny_model: tuple[Path, dict[str, np.ndarray]
     assert merge.ftype_name(merge.parse_ftype("q8_0")) == "Q8_0"
 
 
+# --- direction-aware requantization ----------------------------------------------------------
+
+#: Where each format keeps its float16 scales (byte ranges inside a block).
+_F16_FIELDS = {
+    gguf.GGMLQuantizationType.Q4_0: ((0, 2),),
+    gguf.GGMLQuantizationType.Q5_0: ((0, 2),),
+    gguf.GGMLQuantizationType.Q8_0: ((0, 2),),
+    gguf.GGMLQuantizationType.Q4_K: ((0, 2), (2, 4)),
+    gguf.GGMLQuantizationType.Q6_K: ((208, 210),),
+}
+
+
+def _random_blocks(qtype: gguf.GGMLQuantizationType, n_rows: int, ne0: int, seed: int = 0) -> np.ndarray:
+    """Random blocks of ``qtype`` (uint8 ``(n_rows, row_bytes)``) with finite, positive float16 scales."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_rows * ne0 // block, size), dtype=np.uint8)
+    for a, b in _F16_FIELDS[qtype]:
+        raw[:, a:b] = rng.uniform(0.002, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(requant.REFIT_TYPES, key=lambda q: q.name))
+def test_codec_round_trips_against_gguf_dequantize(qtype: gguf.GGMLQuantizationType) -> None:
+    n_rows, ne0 = 3, 512
+    raw = _random_blocks(qtype, n_rows, ne0)
+    grid = requant.decode(raw, qtype, ne0)
+    ref = np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float64).reshape(n_rows, ne0)
+    np.testing.assert_allclose(grid.values(), ref, rtol=1e-6, atol=1e-9)
+    assert grid.q.min() >= grid.lo and grid.q.max() <= grid.hi
+    assert np.array_equal(requant.encode(grid, grid.q), raw)  # nothing changed: byte-identical blocks
+    q2 = np.random.default_rng(1).integers(grid.lo, grid.hi + 1, grid.q.shape)
+    raw2 = requant.encode(grid, q2)
+    again = requant.decode(raw2, qtype, ne0)
+    np.testing.assert_array_equal(again.q, q2)
+    np.testing.assert_array_equal(again.step, grid.step)  # scales and minimums untouched
+    np.testing.assert_array_equal(again.offset, grid.offset)
+    ref2 = np.asarray(gguf.quants.dequantize(raw2, qtype), dtype=np.float64).reshape(n_rows, ne0)
+    np.testing.assert_allclose(ref2, grid.step.astype(np.float64) * q2 + grid.offset, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q4_0])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_refit_cancels_the_direction_that_rounding_leaves(qtype: gguf.GGMLQuantizationType, axis: int) -> None:
+    n_embd, n_other = 128, 512  # a writer (n_embd, n_in) for axis 0; embedding rows (n_vocab, n_embd) for axis 1
+    rng = np.random.default_rng(4)
+    r = rng.standard_normal(n_embd)
+    r /= np.linalg.norm(r)
+    shape = (n_embd, n_other) if axis == 0 else (n_other, n_embd)
+    grid = requant.decode(_random_blocks(qtype, shape[0], shape[1], seed=2), qtype, shape[1])
+    w = grid.values()
+    p = r @ w if axis == 0 else w @ r  # the component the edit removes
+    target = w - np.outer(r, p) if axis == 0 else w - np.outer(p, r)
+    q0 = requant.round_to_grid(grid, target)
+    q1, stats = requant.refit(grid, q0, target, r, axis=axis)
+
+    def residual(q: np.ndarray) -> float:
+        dw = grid.step * q + grid.offset - target
+        return float(np.linalg.norm(r @ dw if axis == 0 else dw @ r) / np.linalg.norm(p))
+
+    assert residual(q0) > 0.1  # plain rounding on the grid keeps much of the direction
+    assert residual(q1) < 0.01  # the re-fit removes it
+    assert stats.residual_after < 1e-3 * stats.residual_before
+    assert stats.err_after < 1.5 * stats.err_before  # at little cost in squared error
+    assert q1.min() >= grid.lo and q1.max() <= grid.hi
+    assert 0 < stats.moved < q1.size // 2
+
+
+def test_best_blocks_takes_each_block_from_the_closer_grid() -> None:
+    qtype, n_rows, ne0 = gguf.GGMLQuantizationType.Q4_K, 4, 512
+    a = requant.decode(_random_blocks(qtype, n_rows, ne0, seed=5), qtype, ne0)
+    b = requant.decode(_random_blocks(qtype, n_rows, ne0, seed=6), qtype, ne0)
+    target = a.values()
+    target[:, 256:] = b.values()[:, 256:]  # second block of every row: exactly b's values
+    grid, q, from_b = requant.best_blocks(a, a.q, b, b.q, target)
+    assert from_b == n_rows  # one block per row
+    np.testing.assert_array_equal(grid.values(), target)
+    assert np.array_equal(requant.decode(requant.encode(grid, q), qtype, ne0).values(), target)
+
+
+@pytest.fixture(scope="module")
+def q4_model(tiny_model: tuple[Path, dict[str, np.ndarray]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model quantized to Q4_0 by llama.cpp: a low bit width, where requantization loses the edit."""
+    out = tmp_path_factory.mktemp("q4") / "tiny-q4_0.gguf"
+    return merge.quantize_gguf(tiny_model[0], out, "q4_0", n_threads=1)
+
+
+def test_refit_keeps_the_direction_removed_at_four_bits(q4_model: Path, tmp_path: Path) -> None:
+    r = _direction()
+    reps = {
+        mode: merge.export_merged(
+            q4_model, r, tmp_path / f"{mode}.gguf", provenance={}, requant=mode, kv_f32=True, n_threads=1
+        )
+        for mode in ("plain", "refit")
+    }
+    plain, refit = reps["plain"].weights, reps["refit"].weights
+    assert plain["residual_total"] > 0.15  # llama.cpp's requantization puts much of the direction back
+    assert refit["residual_total"] < 0.01 and refit["residual_max"] < 0.02
+    assert refit["residual_total_plain"] == pytest.approx(plain["residual_total"], rel=1e-6)  # the same "before"
+    assert set(refit["residual_by_kind"]) == {"token_embd", "attn_output", "ffn_down"}
+    for kind, k in refit["residual_by_kind"].items():
+        assert k["stored"] < 0.01 and k["plain"] > 0.1, kind
+    assert refit["rel_error_max"] < 1.5 * plain["rel_error_max"]  # cancelling the direction costs little elsewhere
+    assert set(reps["refit"].refit) == {"token_embd.weight", *(n for n in _tensors(q4_model) if n.endswith(EDITED[1:]))}
+    assert any("keeps" in w for w in reps["plain"].warnings)  # plain is flagged as far from ablated
+    assert not any("keeps" in w for w in reps["refit"].warnings)
+    # Every tensor keeps its base type; unedited ones are the base's bytes.
+    base, merged = _tensors(q4_model), _tensors(tmp_path / "refit.gguf")
+    for name, t in base.items():
+        assert merged[name].tensor_type == t.tensor_type, name
+        if not name.endswith(EDITED):
+            np.testing.assert_array_equal(np.asarray(merged[name].data), np.asarray(t.data), err_msg=name)
+    assert "requantization: refit" in reps["refit"].summary() and "WARNING" in reps["plain"].summary()
+
+
+def test_edited_type_stores_the_edit_on_a_finer_grid(q4_model: Path, tmp_path: Path) -> None:
+    rep = merge.export_merged(
+        q4_model, _direction(), tmp_path / "q8.gguf", provenance={}, edited_type="q8_0", kv_f32=True, n_threads=1
+    )
+    assert rep.types_changed["blk.0.ffn_down.weight"] == "Q4_0 -> Q8_0" and rep.out_file_type == "Q4_0"
+    assert rep.weights["residual_total"] < 1e-3 and rep.weights["rel_error_max"] < 0.01
+    v = rep.validation
+    assert v is not None and v["kl_mean"] < 0.05 * v["ablation_kl_mean"], v  # the tiny model at 4 bits: ~0.3x
+    with pytest.raises(merge.MergeError, match="out_type"):
+        merge.export_merged(
+            q4_model, _direction(), tmp_path / "x.gguf", provenance={}, edited_type="q8_0", out_type="q8_0"
+        )
+    with pytest.raises(merge.MergeError, match="blocks of 256"):
+        merge.export_merged(q4_model, _direction(), tmp_path / "x.gguf", provenance={}, edited_type="q4_k")
+
+
+def test_from_a_float_source_edits_its_weights(
+    q4_model: Path, q8_model: Path, tiny_model: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    f32, weights = tiny_model
+    r = _direction(seed=9)
+    rep = merge.export_merged(q4_model, r, tmp_path / "from.gguf", provenance={}, source=f32, validate=False)
+    assert rep.source_path == str(f32) and set(rep.refit.values()) == {"llama.cpp's scales"}  # not the base's
+    assert rep.weights["residual_total"] < 0.05
+    ortho = orthogonalize(weights, r)
+    stored = _tensors(tmp_path / "from.gguf")
+    merge.export_merged(q4_model, r, tmp_path / "nosrc.gguf", provenance={}, validate=False)
+    other = _tensors(tmp_path / "nosrc.gguf")
+    for name in ("blk.1.ffn_down.weight", "blk.2.attn_output.weight"):
+        exact = ortho[name]
+        err_from = np.linalg.norm(_as_numpy(stored[name]) - exact)
+        err_base = np.linalg.norm(_as_numpy(other[name]) - exact)
+        assert err_from < err_base, name  # computed from the original weights, not the 4-bit ones
+    assert _field(tmp_path / "from.gguf", "pyrefusal.merge.source_file") == f32.name
+    with pytest.raises(merge.MergeError, match="F32, F16 or BF16"):
+        merge.export_merged(q4_model, r, tmp_path / "x.gguf", provenance={}, source=q8_model, validate=False)
+
+
+def test_weighted_merge_equals_the_weighted_lora(
+    tiny_model: tuple[Path, dict[str, np.ndarray]], tiny_spec: TinySpec, tmp_path: Path
+) -> None:
+    from pyrefusal.steering.weighted import WeightedAblation, export_weighted_lora
+
+    path, weights = tiny_model
+    ab = WeightedAblation(_direction(seed=11), np.array([0.0, 1.3, 0.6]), np.array([0.9, 0.0, 1.1]), embeddings=0.5)
+    out = tmp_path / "weighted.gguf"
+    rep = merge.export_merged(path, ab, out, provenance={"optimize_trial": 4}, kv_f32=True, n_threads=1)
+    assert rep.weights_source == "optimize trial 4 (partial weights)"
+    assert _field(out, "pyrefusal.semantics") == merge.WEIGHTED_MERGE_SEMANTICS
+    assert _field(out, "pyrefusal.optimize_trial") == 4
+    assert rep.edited == 1 + 4  # embeddings + the four writers with a non-zero weight
+    v = rep.validation
+    assert v is not None and v["reference"] == "weighted LoRA"
+    assert v["max_abs_dlogit"] <= 1e-4 and v["ablation_kl_mean"] > 1e-3, v
+    # The stored weights are W - w r r^T W; writers with weight 0 are the base's.
+    r = ab.direction
+    stored = {name: _as_numpy(t) for name, t in _tensors(out).items()}
+    for il in range(tiny_spec.n_layer):
+        for kind, w in (("attn_output", ab.attn[il]), ("ffn_down", ab.mlp[il])):
+            name = f"blk.{il}.{kind}.weight"
+            base = weights[name].astype(np.float64)
+            np.testing.assert_allclose(stored[name], base - w * np.outer(r, r @ base), atol=1e-5, err_msg=name)
+    e = weights["token_embd.weight"].astype(np.float64)
+    np.testing.assert_allclose(stored["token_embd.weight"], e - 0.5 * np.outer(e @ r, r), atol=1e-5)
+    nothing = WeightedAblation(ab.direction, np.zeros(3), np.zeros(3))
+    with pytest.raises(merge.MergeError, match="edits nothing"):
+        merge.export_merged(path, nothing, tmp_path / "x.gguf", provenance={})
+    # Independently of compare_with_hook: the LoRA export on the base gives the merged file's logits.
+    lora = export_weighted_lora(path, ab, tmp_path / "w.lora.gguf", provenance={"base_sha256": "x"})
+    with Runtime(path, n_ctx=1024, n_seq_max=2, kv_f32=True, n_threads=1) as rt:
+        toks = [rt.chat_tokens(t) for t in ("How do I pick a lock?", "Write a poem about rain.")]
+        rt.set_lora([(lora, 1.0)])
+        a = rt.last_logits(toks)
+    with Runtime(out, hook=False, n_ctx=1024, n_seq_max=2, kv_f32=True, n_threads=1) as mt:
+        b = mt.last_logits(toks)
+    assert np.abs(a - b).max() <= 1e-4
+
+
+def test_cli_merges_the_optimize_pick_unless_paper(
+    tiny_model: tuple[Path, dict[str, np.ndarray]], polyrefuse_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pyrefusal.cli import main
+    from pyrefusal.steering.weighted import WeightedAblation
+
+    run = _tiny_run(tiny_model[0], polyrefuse_dir, tmp_path)
+    r = np.load(run / "direction.npy")
+    ab = WeightedAblation(r, np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 1.0]))
+    (run / "optimize").mkdir(exist_ok=True)
+    (run / "optimize" / "pick.json").write_text(json.dumps({"trial": 3, "ablation": ab.to_dict()}))
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", "merged", str(run), "--no-validate"])
+    assert res.exit_code == 0, res.output
+    out = run / "refusal-optimize-trial3-merged.gguf"
+    assert out.exists() and "optimize trial 3" in res.output and "residual" in res.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["edited"] == 4 and report["weights_source"].startswith("optimize trial 3")
+    res = runner.invoke(main, ["export", "merged", str(run), "--paper", "--no-validate", "--requant", "plain"])
+    assert res.exit_code == 0, res.output
+    full = json.loads((run / "refusal-ablated-merged.report.json").read_text())
+    assert full["edited"] == 7 and full["requant"] == "plain"
+
+
+def _tiny_run(model: Path, data_dir: Path, tmp_path: Path) -> Path:
+    """A finished `pyrefusal run` directory on the tiny model (small: a few seconds)."""
+    from pyrefusal.settings import RunConfig
+    from pyrefusal.studies.run import run_pipeline
+
+    out = tmp_path / "run"
+    cfg = RunConfig(
+        model=str(model),
+        data_dir=str(data_dir),
+        target_langs=("en",),
+        n_train=6,
+        n_val=4,
+        n_test=2,
+        max_new_tokens=4,
+        kl_threshold=1e9,
+        n_ctx=2048,
+        n_seq_max=8,
+        refusal_openings=("I",),
+        capability=False,
+    )
+    run_pipeline(cfg, out, log=lambda s: None)
+    return out
+
+
 # --- the real model -------------------------------------------------------------------------
 
 
@@ -232,16 +478,42 @@ def test_real_model_merge_is_close_to_the_hook(polyrefuse_dir: Path, tmp_path: P
         n_threads=1,  # on a shared 2-core machine one llama.cpp thread is several times faster than two
         log=print,
     )
-    print({k: v for k, v in rep.validation.items() if k != "prompts"} if rep.validation else None)
-    print(rep.weights, rep.seconds)
+    print(rep.summary(), rep.seconds)
     for p in rep.validation["prompts"] if rep.validation else []:
         print(p)
     assert (rep.base_file_type, rep.out_file_type, rep.types_changed) == ("Q4_K_M", "Q4_K_M", {})
     assert rep.weights["output_identical"] is True
-    assert rep.weights["residual_total"] < 0.5  # requantization restores only part of the removed component
+    # The direction-aware re-fit: llama.cpp alone puts back ~30 % of the removed component, the re-fit < 1 %.
+    assert rep.weights["residual_total_plain"] > 0.15
+    assert rep.weights["residual_total"] <= 0.05
+    assert all(k["stored"] <= 0.05 for k in rep.weights["residual_by_kind"].values()), rep.weights
     v = rep.validation
     assert v is not None
-    assert np.isfinite(v["max_abs_dlogit"]) and v["kl_mean"] < v["ablation_kl_mean"]
+    assert v["kl_mean"] < 0.1 * v["ablation_kl_mean"], v
+    # Teacher-forced, the merged model picks the hook path's token >= 90 % of the time (0.93 here, 0.96 in
+    # docs/results/merged-export-qwen0.5b/). Free-running greedy agreement compounds every near-tie: even the
+    # exact F32 merge agrees only ~0.75 there (llama.cpp computes F32 and quantized matmuls differently), and
+    # 4-6-bit storage measured 0.48 here (plain requantization: 0.52 in the issue), 0.62 there: a sanity bound
+    # only, not the goal of 0.9.
+    assert v["forced_agreement"] >= 0.9, v
+    assert v["token_agreement"] >= 0.3, v
     for p in v["prompts"][2:]:  # the harmful ones: where the hook ablation stops refusing, the merge does too
         if not p["hook_refused"]:
             assert not p["merged_refused"], p
+
+    # The edited matrices as Q8_0 (+20 % file): as close to the hook path as the exact F32 merge.
+    q8 = merge.export_merged(
+        model.path,
+        r,
+        tmp_path / "merged-q8.gguf",
+        provenance={},
+        edited_type="q8_0",
+        prompts=prompts,
+        max_new_tokens=24,
+        n_threads=1,
+    )
+    print(q8.summary(), q8.seconds)
+    w8 = q8.validation
+    assert w8 is not None
+    assert q8.weights["residual_total"] <= 0.05 and w8["forced_agreement"] >= 0.95, w8
+    assert w8["kl_mean"] < 0.01 * w8["ablation_kl_mean"], w8
