@@ -152,10 +152,15 @@ def test_unknown_tensor_type_without_gguf_version(
         ("{{ messages[0].content + undefined_thing.x }}", "UndefinedError"),
         ("{{ raise_exception('System role not supported') }}", "ValueError"),
         ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError"),
+        # each range within the sandbox's bound, their product not: would run for hours
+        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "RenderTimeout"),
     ],
 )
-def test_broken_chat_templates_name_the_model_and_the_fix(template: str, kind: str) -> None:
+def test_broken_chat_templates_name_the_model_and_the_fix(template: str, kind: str, monkeypatch) -> None:
+    from pyrefusal.runtime import chat as chat_module
     from pyrefusal.runtime.chat import ChatPrompts
+
+    monkeypatch.setattr(chat_module, "RENDER_SECONDS", 0.5)
 
     chat = ChatPrompts(
         template,

@@ -8,7 +8,10 @@ owns one and delegates its chat methods to it; it needs only the model's tokeniz
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -19,6 +22,41 @@ from pyrefusal.families import detect_chat_format
 from pyrefusal.settings import PromptFormat
 
 __all__ = ["ChatPrompts"]
+
+RENDER_SECONDS = 10.0
+"""A chat template that has not rendered one conversation after this long is treated as broken (a template with
+nested loops over huge ranges would otherwise hang the process; Jinja's sandbox bounds each range, not their
+product). Enforced in the main thread (the CLI, studies, SteeredModel called from it)."""
+
+
+class RenderTimeout(Exception):
+    """Raised by :func:`_render_deadline` when a template renders for too long."""
+
+    def __str__(self) -> str:
+        return f"rendering took longer than {RENDER_SECONDS:.0f} s (a loop that does not end?)"
+
+
+@contextlib.contextmanager
+def _render_deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block with :class:`RenderTimeout` after ``seconds`` (SIGALRM; main thread only, elsewhere a
+    no-op) and restore whatever timer and handler were there."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise RenderTimeout
+
+    old_handler = signal.signal(signal.SIGALRM, expire)
+    old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_timer[0] > 0:  # someone else's timer: give it back what was left
+            signal.setitimer(signal.ITIMER_REAL, *old_timer)
+
 
 # what a broken template raises while compiling or rendering (jinja2.TemplateError covers syntax errors,
 # undefined variables and llama-cpp-python's raise_exception; the sandbox raises SecurityError / OverflowError)
@@ -97,8 +135,9 @@ class ChatPrompts:
         """
         formatter = self._chat_formatter()
         try:
-            return formatter(messages=messages).prompt  # type: ignore[arg-type]
-        except _TEMPLATE_ERRORS as e:
+            with _render_deadline(RENDER_SECONDS):
+                return formatter(messages=messages).prompt  # type: ignore[arg-type]
+        except (*_TEMPLATE_ERRORS, RenderTimeout) as e:
             raise self._template_error(e) from None
 
     def format_chat(self, instruction: str, system: str | None = None) -> str:
