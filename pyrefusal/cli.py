@@ -358,10 +358,11 @@ def quant_sweep(ctx: click.Context, **kw: Any) -> None:
     "--pick",
     type=int,
     default=None,
-    help="Choose this trial: write pick.json (then used by `export lora`) and report it on the test split next to "
-    "the paper's pick and the baseline.",
+    help="Choose this trial: write pick.json (then used by `export lora`, `chat` and `serve`; their --paper ignores "
+    "it) and report it on the test split next to the paper's pick and the baseline.",
 )
 @click.option("--force", is_flag=True, help="Discard RUN_DIR/optimize and start the search over.")
+@ray_options
 @click.pass_context
 def optimize(ctx: click.Context, run_dir: Path, **kw: Any) -> None:
     """Search partial-weight ablations of a finished run (Optuna; multilingual; LoRA adapters in llama.cpp's graph).
@@ -371,8 +372,11 @@ def optimize(ctx: click.Context, run_dir: Path, **kw: Any) -> None:
     """
     from pyrefusal.studies.optimize import run_optimize
 
+    cluster = _cluster(kw)
     config = settings_from_options(OptimizeSettings, kw, ctx)
-    _study(run_optimize, config, run_dir / "optimize", run_dir=run_dir, pick=kw["pick"], force=kw["force"])
+    _study(
+        run_optimize, config, run_dir / "optimize", run_dir=run_dir, pick=kw["pick"], force=kw["force"], cluster=cluster
+    )
 
 
 @main.group()
@@ -650,6 +654,11 @@ def _steering_options(f: Any) -> Any:
             click.option("--coeff", type=float, default=-1.0, show_default=True, help="Coefficient of the addition."),
             click.option("--model", default=None, help="The run's model if it moved (checked by sha256)."),
             click.option("--allow-inexact", is_flag=True, help="Accept a LoRA without embeddings on tied models."),
+            click.option(
+                "--paper",
+                is_flag=True,
+                help="Ablate the run's own direction even when `optimize --pick` chose a trial (as export lora).",
+            ),
             click.option("--n-ctx", type=click.IntRange(min=1), default=4096, show_default=True),
             click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True),
         ]
@@ -670,13 +679,16 @@ def chat(
     coeff: float,
     model: str | None,
     allow_inexact: bool,
+    paper: bool,
     n_ctx: int,
     n_gpu_layers: int,
     system: str | None,
     max_tokens: int,
     temperature: float,
 ) -> None:
-    """Talk to the run's model with its direction applied (streaming; /reset, /quit)."""
+    """Talk to the run's model with its direction applied (streaming; /reset, /quit).
+
+    An ablation uses the trial `pyrefusal optimize RUN_DIR --pick N` chose when there is one (unless --paper)."""
     from pyrefusal.steering.steered import SteeredModel, chat_repl
 
     try:
@@ -687,6 +699,7 @@ def chat(
             coeff=coeff,
             model_path=model,
             allow_inexact=allow_inexact,
+            paper=paper,
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
         )
@@ -709,13 +722,16 @@ def serve(
     coeff: float,
     model: str | None,
     allow_inexact: bool,
+    paper: bool,
     n_ctx: int,
     n_gpu_layers: int,
     host: str,
     port: int,
     api_key: str | None,
 ) -> None:
-    """OpenAI-compatible endpoint (llama-cpp-python's server) for the steered model; needs pyrefusal[serve]."""
+    """OpenAI-compatible endpoint (llama-cpp-python's server) for the steered model; needs pyrefusal[serve].
+
+    An ablation uses the trial `pyrefusal optimize RUN_DIR --pick N` chose when there is one (unless --paper)."""
     from pyrefusal.steering.steered import serve as serve_app
     from pyrefusal.steering.steered import steering_from_run
 
@@ -727,6 +743,7 @@ def serve(
             coeff=coeff,
             model_path=model,
             allow_inexact=allow_inexact,
+            paper=paper,
         )
         d = st.describe()
         click.echo(
@@ -735,6 +752,7 @@ def serve(
             + (f" ({Path(d['file']).name})" if d["file"] else "")
             + (f", control-vector layers {d['cvec_layers']}" if d["cvec_layers"] else "")
             + ("" if d["exact"] else ", NOT exact")
+            + f"; {d['source']}"
             + "; GET /pyrefusal/steering describes it",
             err=True,
         )

@@ -831,12 +831,14 @@ class OptimizeSettings(Settings):
         n_test: test prompts per kind and language for the pick (0: the run's).
         max_new_tokens: greedy tokens of the confirmation and test generations.
         seed: TPE sampler seed.
-        positions / layer_index / direction_langs / direction_mix / kernel / embeddings / max_weight: the
-            search space (each part switchable).
+        positions / layer_index / direction_langs / direction_mix / direction_span / kernel / embeddings /
+            max_weight: the search space (each part switchable).
         kl_threshold: trials whose pooled KL exceeds it are not confirmed by generation.
         n_confirm: Pareto trials confirmed by generation on the val prompts.
+        test_harmless: the pick's test generation also covers the harmless prompts.
 
-    Resumable: trials, n_confirm, kl_threshold and the runtime's resources.
+    Resumable: trials, n_test and test_harmless (only the pick's test split uses them), n_confirm, kl_threshold
+    and the runtime's resources.
     """
 
     KEYS: ClassVar[tuple[str, ...]] = (
@@ -853,12 +855,14 @@ class OptimizeSettings(Settings):
         "layer_index",
         "direction_langs",
         "direction_mix",
+        "direction_span",
         "kernel",
         "embeddings",
         "max_weight",
         "kl_threshold",
         "prune_fraction",
         "n_confirm",
+        "test_harmless",
         "detector",
         "n_ctx",
         "n_seq_max",
@@ -875,11 +879,13 @@ class OptimizeSettings(Settings):
         "layer_index",
         "direction_langs",
         "direction_mix",
+        "direction_span",
         "kernel",
         "embeddings",
         "max_weight",
         "kl_threshold",
         "n_confirm",
+        "test_harmless",
         "detector",
         "n_seq_max",
         "n_threads",
@@ -895,7 +901,9 @@ class OptimizeSettings(Settings):
         (), help="Comma-separated objective languages (default: the run's target languages; 'en' = heretic's)."
     )
     n_val: int = setting(8, help="Val prompts per kind and language scored by every trial.")
-    n_test: int = setting(0, help="Test prompts per kind and language for --pick (0: the run's --n-test).")
+    n_test: int = setting(
+        0, resumable=True, help="Test prompts per kind and language for --pick (0: the run's --n-test)."
+    )
     max_new_tokens: int = setting(48, help="Greedy tokens of the confirmation and test generations.")
     seed: int = setting(1, help="Seed of the TPE sampler.")
     positions: OptimizePositions = setting(
@@ -914,6 +922,12 @@ class OptimizeSettings(Settings):
     direction_mix: bool = setting(
         True, pair=True, help="With several --direction-langs, also try the normalised mean of their directions."
     )
+    direction_span: bool = setting(
+        False,
+        pair=True,
+        help="With several --direction-langs, also try removing all their directions at once (rank k = one per "
+        "language, orthonormalised; the same per-writer LoRA at rank k).",
+    )
     kernel: KernelMode = setting(
         "per-component",
         help="Layer weights: a kernel per component (attention, MLP), one shared kernel, or full (weight 1 "
@@ -931,6 +945,13 @@ class OptimizeSettings(Settings):
         0.2, resumable=True, help="Trials whose pooled first-token KL exceeds this are not confirmed by generation."
     )
     n_confirm: int = setting(5, resumable=True, help="Pareto trials confirmed by greedy generation on val prompts.")
+    test_harmless: bool = setting(
+        True,
+        pair=True,
+        resumable=True,
+        help="--pick: also generate on the harmless test prompts (false refusals by the detector); "
+        "--no-test-harmless generates on the harmful ones only (first-token false refusal is still reported).",
+    )
     n_ctx: int = setting(4096, resumable=True)
     n_seq_max: int = setting(16, resumable=True)
 

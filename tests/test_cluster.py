@@ -221,3 +221,28 @@ def test_quant_sweep_variants_as_parallel_jobs(local_ray, tiny_model, polyrefuse
     assert qa["refusal"] == qb["refusal"] and qa["geometry"] == qb["geometry"]
     # the sweep directory resumes without Ray: nothing is made again
     assert "reusing" in _invoke(args("b")).replace(str(tmp_path / "work-b"), "")
+
+
+def test_optimize_scores_trials_on_replicas_as_one_process_does(local_ray, single, tmp_path) -> None:
+    pytest.importorskip("optuna")
+    from pyrefusal.settings import OptimizeSettings
+    from pyrefusal.studies.optimize import run_optimize
+
+    settings = OptimizeSettings(
+        trials=4, n_val=2, max_new_tokens=3, kl_threshold=1e9, n_confirm=1, n_ctx=2048, n_seq_max=8, n_threads=1
+    )
+    runs = {}
+    for name, cluster in (("one", None), ("ray", ClusterSpec(workers=2, threads=1))):
+        run_dir = tmp_path / name
+        shutil.copytree(single, run_dir)
+        logs: list[str] = []
+        run_optimize(settings, run_dir / "optimize", run_dir=run_dir, cluster=cluster, log=logs.append)
+        runs[name] = [json.loads(x) for x in (run_dir / "optimize" / "trials.jsonl").read_text().splitlines()]
+    assert any("ray: optimize trials: 2 units on 2 replica(s)" in x for x in logs)  # two rounds of two trials
+    one, sharded = runs["one"], runs["ray"]
+    assert [r["state"] for r in sharded] == ["COMPLETE"] * 4
+    # the seeded start-up trials are drawn in the same order, and a replica scores them as the driver does
+    n_startup = 3
+    for a, b in zip(one[:n_startup], sharded[:n_startup], strict=True):
+        assert a["params"] == b["params"]
+        assert (a["refusal"], a["kl"], a["per_language"]) == (b["refusal"], b["kl"], b["per_language"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -59,15 +60,16 @@ def test_fractional_index_interpolates_adjacent_candidates_and_languages_mix():
 
 
 def _edit(weights: dict[str, np.ndarray], ab: WeightedAblation) -> dict[str, np.ndarray]:
-    """W - w(l) r̂ r̂ᵀ W per writer and E - e (E r̂) r̂ᵀ, in NumPy float64 (independent of the adapter code)."""
-    r = ab.direction
+    """W - w(l) Rᵀ R W per writer and E - e (E Rᵀ) R, in NumPy float64 (independent of the adapter code); R = the
+    ablation's orthonormal rows ``(k, n_embd)`` (k = 1: r̂ r̂ᵀ)."""
+    R = ab.basis  # (k, n_embd)
     out = {k: np.array(v, copy=True) for k, v in weights.items()}
     for il in range(ab.n_layer):
         for name, w in ((f"blk.{il}.attn_output.weight", ab.attn[il]), (f"blk.{il}.ffn_down.weight", ab.mlp[il])):
             W = weights[name].astype(np.float64)  # (n_embd, n_in)
-            out[name] = (W - w * np.outer(r, r @ W)).astype(np.float32)
+            out[name] = (W - w * R.T @ (R @ W)).astype(np.float32)
     E = weights["token_embd.weight"].astype(np.float64)  # (n_vocab, n_embd)
-    out["token_embd.weight"] = (E - ab.embeddings * np.outer(E @ r, r)).astype(np.float32)
+    out["token_embd.weight"] = (E - ab.embeddings * (E @ R.T) @ R).astype(np.float32)
     return out
 
 
@@ -104,6 +106,92 @@ def test_searched_adapter_equals_exported_adapter_and_numpy_weight_edit(tiny_mod
     assert np.abs(a - base).max() > 1e-2  # the edit does change the model
     with pytest.raises(PyrefusalError, match="span"):
         WriterRows(path, basis[:2], embeddings=False).coefficients(basis[3])
+
+
+def test_rank_k_adapter_removes_the_span_of_k_directions(tiny_model, tmp_path):
+    """k directions (one per language) as one rank-k LoRA: searched == exported == the NumPy edit (<= 1e-4)."""
+    from pyrefusal.runtime.runtime import Runtime
+
+    path, weights = tiny_model
+    rng = np.random.default_rng(2)
+    basis = rng.standard_normal((6, 64))
+    dirs = np.stack([basis[0] + 0.5 * basis[2], basis[1] - 0.3 * basis[5]])  # e.g. en and de at one index
+    ab = WeightedAblation(dirs, np.array([0.4, 1.2, 0.0]), np.array([1.0, 0.7, 0.9]), embeddings=1.0)
+    assert ab.rank == 2 and np.allclose(ab.basis @ ab.basis.T, np.eye(2))
+    assert np.allclose(ab.basis.T @ (ab.basis @ dirs.T), dirs.T)  # the same span
+    assert ab.basis[0] @ dirs[0] > 0  # Gram-Schmidt orientation
+    again = WeightedAblation.from_dict(json.loads(json.dumps(ab.to_dict())))  # pick.json round trip
+    assert again.rank == 2 and np.array_equal(again.direction, ab.direction) and again.sha256() == ab.sha256()
+    with pytest.raises(PyrefusalError, match="linearly dependent"):
+        WeightedAblation(np.stack([dirs[0], 2 * dirs[0]]), ab.attn, ab.mlp)
+
+    searched = write_weighted_lora(
+        WriterRows(path, basis, embeddings=True), ab, tmp_path / "searched.gguf", provenance={"base_sha256": "x"}
+    )
+    exported = export_weighted_lora(path, ab, tmp_path / "exported.gguf", provenance={"base_sha256": "x"})
+    edited = tmp_path / "edited.gguf"
+    write_tiny_gguf(edited, weights=_edit(weights, ab))
+    one = WeightedAblation(dirs[0], ab.attn, ab.mlp, embeddings=1.0)  # the first direction alone
+    first = export_weighted_lora(path, one, tmp_path / "one.gguf", provenance={"base_sha256": "x"})
+    with Runtime(path, n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
+        toks = [rt.chat_tokens(t) for t in ("How do I pick a lock?", "Write a poem about rain.")]
+        got = {}
+        for name, f in (("searched", searched), ("exported", exported), ("one", first)):
+            rt.set_lora([(f, 1.0)])
+            got[name] = rt.last_logits(toks)
+            rt.set_lora(None)
+            rt.free_lora(f)
+    with Runtime(edited, n_ctx=1024, n_seq_max=4, kv_f32=True) as merged:
+        want = merged.last_logits(toks)
+    np.testing.assert_allclose(got["searched"], want, atol=1e-4)
+    np.testing.assert_allclose(got["exported"], want, atol=1e-4)
+    assert np.abs(got["one"] - want).max() > 1e-2  # the second direction matters
+
+
+# --- generation stops once the detector has decided ----------------------------------------------
+
+
+class _Contains:
+    """A detector that calls a text a refusal when it contains one of ``markers`` (a stand-in for the substring
+    detector whose markers the tiny random model never writes)."""
+
+    name = "contains-test"
+
+    def __init__(self, markers: tuple[str, ...]) -> None:
+        self.markers = markers
+
+    def judge(self, text: str, lang: str):
+        from pyrefusal.method.refusal import RefusalVerdict
+
+        hit = next((m for m in self.markers if m in text), None)
+        return RefusalVerdict(hit is not None, hit, self.name)
+
+
+def test_early_stop_ends_refusals_and_keeps_every_verdict_of_full_generation(tiny_model):
+    from pyrefusal.data.polyrefuse import Prompt
+    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.stages.generate import complete_armed
+
+    texts = ["How do I pick a lock?", "Write a poem about rain.", "Tell me a story about the sea.", "Hello there"]
+    prompts = [Prompt(f"harmful/val/en/{i}", t, t, "en", "harmful", "val") for i, t in enumerate(texts)]
+    n = 16
+    with Runtime(tiny_model[0], n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
+        plain = complete_armed(rt, prompts, "c", _Contains(()), max_new_tokens=n)
+        marker = plain[0].response[8:12]  # written mid-answer by prompt 0: a "refusal" the detector decides early
+        assert len(marker) == 4 and not plain[0].response.startswith(marker)
+        det = _Contains((marker,))
+        full = complete_armed(rt, prompts, "c", det, max_new_tokens=n)
+        early = complete_armed(rt, prompts, "c", det, max_new_tokens=n, stop_when_refused=True)
+    assert [c.refused for c in early] == [c.refused for c in full] == [marker in c.response for c in plain]
+    assert full[0].refused and full[0].n_tokens == n
+    stopped = [i for i, c in enumerate(early) if c.finish_reason == "refusal_detected"]
+    assert 0 in stopped and early[0].n_tokens < n
+    for i, (e, f) in enumerate(zip(early, full, strict=True)):
+        if i in stopped:  # ended at the token that completed the marker: a prefix of the full answer
+            assert e.refused and f.response.startswith(e.response) and marker in e.response
+            assert e.refusal_token == e.n_tokens == f.refusal_token
+        else:  # compliant (or refused only at the budget): the same answer as full generation
+            assert (e.response, e.n_tokens, e.finish_reason) == (f.response, f.n_tokens, f.finish_reason)
 
 
 # --- the study ----------------------------------------------------------------------------------
@@ -199,7 +287,14 @@ def test_pick_writes_pick_json_and_export_lora_uses_it(tiny_run, tmp_path):
     test = json.loads((out / "pick_test.json").read_text())
     assert set(test["generation"]) == {"baseline", "paper", "pick"}
     assert test["generation"]["pick"]["pooled"]["harmful"]["n"] == 6  # 3 test prompts x en, de
-    assert "## The pick (trial 1) on the test split" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## The pick (trial 1) on the test split" in report
+    gen = test["generation"]["pick"]["pooled"]["harmful"]
+    assert gen["n"] == 6 and 0 < gen["tokens"] <= 3 * gen["n"]  # 3 tokens at most per completion
+    assert "stopped early once the detector read a refusal" in report
+    done = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {c["finish_reason"] for c in done} <= {"eos", "length", "refusal_detected"}
+    assert all(c["refused"] for c in done if c["finish_reason"] == "refusal_detected")
 
     r = runner.invoke(main, ["export", "lora", str(tiny_run), "-o", str(tmp_path / "pick.gguf")])
     assert r.exit_code == 0, r.output
@@ -222,6 +317,90 @@ def test_pick_writes_pick_json_and_export_lora_uses_it(tiny_run, tmp_path):
 
     r = runner.invoke(main, ["export", "lora", str(tiny_run), "--paper", "-o", str(tmp_path / "paper.gguf")])
     assert r.exit_code == 0 and "optimize trial" not in r.output
+
+
+def _llama_logits(llama, tokens: list[int]) -> np.ndarray:
+    """Logits after the last of ``tokens`` (float32 ``(n_vocab,)``), from a fresh KV cache."""
+    llama.reset()
+    llama.eval(tokens)
+    return np.array(llama.scores[llama.n_tokens - 1], dtype=np.float32)
+
+
+def test_steered_model_chat_and_serve_use_the_pick(tiny_run, tmp_path, monkeypatch):
+    """SteeredModel.from_run applies pick.json as the exported per-writer LoRA (<= 1e-4); --paper ignores it."""
+    import llama_cpp
+
+    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.steering import steered
+    from pyrefusal.steering.steered import SteeredModel, chat_repl, steering_from_run
+    from pyrefusal.steering.weighted import apply_weighted, read_pick
+
+    monkeypatch.setenv("PYREFUSAL_CACHE", str(tmp_path / "cache"))  # the adapter cache, not the user's
+    out = tiny_run / "optimize"
+    if not (out / "pick.json").exists():  # this test alone: make a study with a pick
+        run_optimize(_settings(trials=2), out, run_dir=tiny_run, pick=1, log=lambda s: None)
+    ablation, record = read_pick(tiny_run)
+    model = record["model"]
+    exported = tmp_path / "pick.gguf"
+    r = CliRunner().invoke(main, ["export", "lora", str(tiny_run), "-o", str(exported)])
+    assert r.exit_code == 0, r.output
+    f32 = {"type_k": 0, "type_v": 0, "logits_all": True}  # F32 KV cache (GGML_TYPE_F32); Llama.scores filled
+    by_hand = llama_cpp.Llama(model, n_ctx=512, lora_path=str(exported), verbose=False, **f32)
+    prompts = ("How do I pick a lock?", "Write a poem about rain.")
+    toks = [by_hand.tokenize(p.encode(), add_bos=True) for p in prompts]
+    want = [_llama_logits(by_hand, t) for t in toks]
+    by_hand.close()
+    with SteeredModel.from_run(tiny_run, n_ctx=512, **f32) as sm:
+        d = sm.describe()
+        assert d["pick"]["trial"] == record["trial"] and sm.steering.weighted is not None
+        assert d["source"].startswith(f"optimize pick #{record['trial']}") and d["exact"]
+        got = [_llama_logits(sm.llama, t) for t in toks]
+        lines = iter(["/quit"])
+        say = io.StringIO()
+        chat_repl(sm, input_fn=lambda _: next(lines), output=say)
+        assert f"of optimize pick #{record['trial']}" in say.getvalue()
+        with pytest.raises(PyrefusalError, match="apply_weighted"):
+            _ = sm.intervention
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g).max() > 1.0  # real logits (Llama.scores stays 0 without logits_all)
+        np.testing.assert_allclose(g, w, atol=1e-4)
+    # the same intervention as pyrefusal's Runtime scores it in the search (adapter armed by apply_weighted)
+    with Runtime(model, n_ctx=512, n_seq_max=1, kv_f32=True) as rt:
+        apply_weighted(rt, exported, ablation, hook_embeddings=False)
+        searched = [rt.last_logits([t])[0] for t in toks]  # (n_vocab,) each
+        rt.clear_plan()
+        plain = [rt.last_logits([t])[0] for t in toks]
+    for g, s_ in zip(got, searched, strict=True):
+        np.testing.assert_allclose(g, s_, atol=1e-4)
+    assert max(np.abs(g - p).max() for g, p in zip(got, plain, strict=True)) > 1e-2  # the pick changes the model
+
+    with SteeredModel.from_run(tiny_run, n_ctx=512, paper=True, **f32) as paper:
+        assert paper.steering.weighted is None and "paper's direction" in paper.describe()["source"]
+        assert paper.intervention.name == "ablation"
+        assert np.abs(_llama_logits(paper.llama, toks[0]) - got[0]).max() > 1e-3  # not the pick
+    assert steering_from_run(tiny_run, intervention="addition", layer=2).pick is None  # the run's direction
+
+    served: list[str] = []
+    monkeypatch.setattr(steered, "serve", lambda *a, **kw: served.append(str(a[1])))
+    for flags, says in (([], f"optimize pick #{record['trial']}"), (["--paper"], "the paper's direction")):
+        r = CliRunner().invoke(main, ["serve", str(tiny_run), *flags])
+        assert r.exit_code == 0, r.output
+        assert says in r.output.splitlines()[0], r.output
+    assert "weighted-" in served[0] and "ablation-" in served[1]  # the pick's adapter, then the run's
+
+    bad = json.loads((out / "pick.json").read_text())
+    bad["base_sha256"] = "0" * 64
+    moved = tmp_path / "run"
+    (moved / "optimize").mkdir(parents=True)
+    for name in ("results.json", "direction.npy"):
+        (moved / name).write_bytes((tiny_run / name).read_bytes())
+    (moved / "optimize" / "pick.json").write_text(json.dumps(bad))
+    with pytest.raises(PyrefusalError, match="picked on another model"):
+        steering_from_run(moved)
+    (moved / "optimize" / "pick.json").write_text("{")
+    with pytest.raises(PyrefusalError, match="damaged"):
+        steering_from_run(moved)
+    assert steering_from_run(moved, paper=True).pick is None
 
 
 @pytest.mark.parametrize(
@@ -282,3 +461,45 @@ def test_searched_and_exported_adapters_agree_on_the_quantized_default_model(tmp
     assert np.abs(a - base).mean() > 0.1  # the intervention's effect
     assert np.abs(a - b).mean() < 0.05 and kl_divergence(a, b).max() < 2e-3
     assert np.array_equal(a.argmax(axis=1), b.argmax(axis=1))
+
+
+def test_a_span_trial_removes_every_languages_direction_and_its_pick_exports(tiny_run, tmp_path):
+    """--direction-span: a trial may ablate the en and de directions together (rank 2), scored, picked, exported."""
+    import optuna
+
+    from pyrefusal.runtime.runtime import Runtime
+    from pyrefusal.steering.weighted import apply_weighted
+
+    out = tmp_path / "optimize"
+    out.mkdir()
+    study = optuna.create_study(
+        storage=f"sqlite:///{out / 'study.db'}", study_name="pyrefusal-optimize", directions=["minimize", "minimize"]
+    )
+    study.enqueue_trial({"direction_source": "span"})  # the other parameters are drawn
+    cfg = _settings(trials=1, direction_langs=("en", "de"), direction_span=True, n_confirm=0)
+    res = run_optimize(cfg, out, run_dir=tiny_run, pick=0, log=lambda s: None)
+    (row,) = [r for r in res["trials"] if r["state"] == "COMPLETE"]
+    assert row["params"]["direction_source"] == "span" and row["kl"] > 0
+    assert res["space"]["sources"] == ["en", "de", "mean", "span"]
+    pick = json.loads((out / "pick.json").read_text())
+    ab = WeightedAblation.from_dict(pick["ablation"])
+    assert ab.rank == 2 and np.array(pick["ablation"]["direction"]).shape == (2, 64)
+    exported = export_weighted_lora(pick["model"], ab, tmp_path / "span.gguf", provenance={"base_sha256": "x"})
+    assert ab.attn.tolist() == pytest.approx(row["weights"]["attn"])
+    assert ab.mlp.tolist() == pytest.approx(row["weights"]["mlp"])
+    with Runtime(pick["model"], n_ctx=1024, n_seq_max=4, kv_f32=True) as rt:
+        toks = [rt.chat_tokens(t) for t in ("How do I pick a lock?", "Write a poem about rain.")]
+        base = rt.last_logits(toks)
+        apply_weighted(rt, exported, ab, hook_embeddings=False)
+        got = rt.last_logits(toks)
+    assert np.abs(got - base).max() > 1e-2
+    assert json.loads((out / "pick_test.json").read_text())["generation"]["pick"]["pooled"]["harmful"]["n"] == 6
+    # --n-test / --no-test-harmless only shape the pick's test split: a finished study picks again without new
+    # trials and without scoring its val prompts again (reference.json is read)
+    logs: list[str] = []
+    again = cfg.replace(trials=None, n_test=2, test_harmless=False)
+    res2 = run_optimize(again, out, run_dir=tiny_run, pick=0, log=logs.append)
+    gen = json.loads((out / "pick_test.json").read_text())["generation"]["pick"]["pooled"]
+    assert gen["harmful"]["n"] == 4 and "harmless" not in gen
+    assert any("read from reference.json" in m for m in logs) and "baseline_and_paper" not in res2["timings"]
+    assert res2["reference"] == res["reference"]

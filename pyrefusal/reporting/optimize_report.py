@@ -172,6 +172,19 @@ def _pick_lines(pick: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _generation_totals(summary: Mapping[str, Any]) -> dict[str, int]:
+    """Completions, generated tokens and early stops over every generation of the summary (pooled cells)."""
+    tables = list(summary.get("confirmed", {}).values())
+    tables += list((summary.get("pick") or {}).get("generation", {}).values())
+    out = {"n": 0, "tokens": 0, "stopped": 0}
+    for table in tables:
+        for cell in table.get("pooled", {}).values():
+            if "tokens" in cell:
+                for key in out:
+                    out[key] += int(cell[key])
+    return out
+
+
 def write_optimize_report(out: Path, summary: Mapping[str, Any], *, kl_threshold: float) -> None:
     """Write ``pareto.md``, ``pareto.png`` and ``report.md`` into ``out``."""
     lines = _pareto_lines(summary, kl_threshold)
@@ -194,4 +207,10 @@ def write_optimize_report(out: Path, summary: Mapping[str, Any], *, kl_threshold
             + "."
         )
     report += [f"- {k}: {v:.1f}s" for k, v in timings.items() if isinstance(v, float) and not math.isnan(v)]
+    gen = _generation_totals(summary)
+    if gen["n"]:
+        report.append(
+            f"- generation (confirmation and test): {gen['n']} completions, {gen['tokens']} tokens; "
+            f"{gen['stopped']} stopped early once the detector read a refusal (finish_reason refusal_detected)"
+        )
     write_atomic(out / "report.md", "\n".join(report) + "\n")

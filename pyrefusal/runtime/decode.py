@@ -37,7 +37,7 @@ class Generation:
 
     tokens: list[int]
     text: str
-    finish_reason: str  # "eos" (an end-of-generation token) or "length"
+    finish_reason: str  # "eos" (an end-of-generation token), "length", or "stopped" (generate's stop callback)
 
 
 @dataclass
@@ -331,13 +331,17 @@ class Decoder:
         *,
         progress: Callable[[int], None] | None = None,
         stop_at_eog: bool = True,
+        stop: Callable[[int, Sequence[int]], bool] | None = None,
     ) -> list[Generation]:
         """Greedy generation for many prompts, batched (one sequence per prompt per decode).
 
         Each sequence stops at an end-of-generation token (EOS / end of turn) or after
         ``max_new_tokens``. The armed plan applies to prompt and generated tokens alike.
         ``progress(n)`` is called with the number of sequences finished. ``stop_at_eog=False``
-        generates exactly ``max_new_tokens`` (benchmarks). While generating, a capture plan (if
+        generates exactly ``max_new_tokens`` (benchmarks). ``stop(m, tokens)``, when given, is asked after each
+        token a sequence gains below the budget (``m``: its prompt's index, ``tokens``: its generated tokens so
+        far); True ends it there with finish_reason ``"stopped"`` (e.g. once a refusal detector has decided).
+        While generating, a capture plan (if
         armed) writes the newest token of sequence ``s`` of a group to capture slot ``s``.
         """
         if not prompts:
@@ -366,6 +370,9 @@ class Decoder:
                     out[s].append(tok)
                     if len(out[s]) >= max_new_tokens:
                         active[s] = False
+                    elif stop is not None and stop(group[s], out[s]):
+                        active[s] = False
+                        finish[s] = "stopped"
                 if not active.any():
                     break
                 idx = np.flatnonzero(active)

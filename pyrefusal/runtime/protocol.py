@@ -130,6 +130,7 @@ class ModelRunner(Protocol):
         *,
         progress: Callable[[int], None] | None = None,
         stop_at_eog: bool = True,
+        stop: Callable[[int, Sequence[int]], bool] | None = None,
     ) -> list[Generation]: ...
 
     def token_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:

@@ -458,10 +458,11 @@ class Runtime(capi.Owner):
         *,
         progress: Callable[[int], None] | None = None,
         stop_at_eog: bool = True,
+        stop: Callable[[int, Sequence[int]], bool] | None = None,
     ) -> list[Generation]:
         """Greedy generation for many prompts, batched, under the armed plan (see
         :meth:`~pyrefusal.runtime.decode.Decoder.generate`)."""
-        return self._decoder.generate(prompts, max_new_tokens, progress=progress, stop_at_eog=stop_at_eog)
+        return self._decoder.generate(prompts, max_new_tokens, progress=progress, stop_at_eog=stop_at_eog, stop=stop)
 
     def token_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Log-probability of every token given its prefix, under the armed plan: one float64

@@ -132,15 +132,25 @@ def complete_armed(
     system: str | None = None,
     batch_size: int = 16,
     on_batch: Callable[[list[Completion]], None] | None = None,
+    stop_when_refused: bool = False,
 ) -> list[Completion]:
     """Greedy completions of ``prompts`` with whatever ``runtime`` has armed, judged by ``detector`` and labelled
     ``condition``, in batches of ``batch_size`` (each finished batch goes to ``on_batch``). Arming and disarming
     are the caller's (:func:`generate_completions` arms an intervention through the router; the optimizer arms a
-    trial's adapter)."""
+    trial's adapter).
+
+    ``stop_when_refused`` ends a sequence as soon as ``detector`` calls its text so far a refusal (asked after
+    every generated token; finish_reason ``"refusal_detected"``): the verdict is decided, the rest of the budget
+    would not change it for a substring detector (a marker, once seen, stays). Compliant sequences still run to
+    the budget. ``pyrefusal optimize`` uses it; ``run`` does not (its completions are whole, and pinned)."""
     out: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        gens = runtime.generate([runtime.chat_tokens(p.text, system) for p in chunk], max_new_tokens)
+        tokens = [runtime.chat_tokens(p.text, system) for p in chunk]
+        if stop_when_refused:
+            gens = runtime.generate(tokens, max_new_tokens, stop=_refusal_stop(runtime, detector, chunk))
+        else:
+            gens = runtime.generate(tokens, max_new_tokens)
         batch = []
         for p, g in zip(chunk, gens, strict=True):
             v = detector.judge(g.text, p.lang)
@@ -154,7 +164,7 @@ def complete_armed(
                     prompt=p.text,
                     response=g.text,
                     n_tokens=len(g.tokens),
-                    finish_reason=g.finish_reason,
+                    finish_reason="refusal_detected" if g.finish_reason == "stopped" else g.finish_reason,
                     refused=v.refused,
                     marker=v.marker,
                     detector=v.detector,

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MEAN = "mean"  # the direction source that averages every language's direction
+SPAN = "span"  # the direction source that removes every language's direction together (rank k, orthonormalised)
 
 
 class TrialLike(Protocol):
@@ -77,7 +78,8 @@ class SearchSpace:
             ``"selected"`` (the run's layer).
         index_range: ``(low, high)`` of the direction index.
         selected: the run's ``(position, layer)``.
-        sources: direction sources to choose from (language codes and :data:`MEAN`).
+        sources: direction sources to choose from (language codes, :data:`MEAN`, and :data:`SPAN`: all the
+            languages' directions at once, a rank-k ablation).
         kernel: ``"per-component"`` (attention and MLP kernels), ``"shared"`` (one kernel) or ``"full"``
             (weight 1 everywhere: the paper's ablation).
         embeddings: the choices for editing the embeddings (``(True, False)``: searched).
@@ -121,7 +123,8 @@ class SearchSpace:
         return p
 
     def direction(self, params: Mapping[str, Any]) -> np.ndarray:
-        """The unit direction of ``params``, float64 ``(n_embd,)``."""
+        """The unit direction of ``params``, float64 ``(n_embd,)``; for :data:`SPAN` one direction per language,
+        ``(k, n_embd)`` (orthonormalised by :class:`~pyrefusal.steering.weighted.WeightedAblation`)."""
         pos = int(params.get("position", self.position_choices[0]))
         if self.layer_index == "selected":
             index: float = float(self.selected[1])
@@ -129,8 +132,10 @@ class SearchSpace:
             index = float(params.get("direction_index", self.index_range[0]))
         source = str(params.get("direction_source", self.sources[0]))
         row = self.positions.index(pos)
-        langs = list(self.directions) if source == MEAN else [source]
+        langs = list(self.directions) if source in (MEAN, SPAN) else [source]
         dirs = [interpolate_layers(self.directions[lang][row], index) for lang in langs]
+        if source == SPAN:
+            return np.stack(dirs)  # (k, n_embd)
         return dirs[0] if len(dirs) == 1 else mean_direction(np.stack(dirs))
 
     def kernels(self, params: Mapping[str, Any]) -> tuple[Kernel, Kernel]:
@@ -389,11 +394,14 @@ def generate_condition(
     max_new_tokens: int,
     system: str | None,
     batch_size: int,
+    stop_when_refused: bool = True,
 ) -> list[Completion]:
     """Greedy completions of ``prompts`` under ``condition`` (armed by ``arm``), judged by ``detector``.
 
     Completions already in ``completions_path`` for ``(prompt id, condition)`` are reused; new ones are appended
-    batch by batch (a killed study keeps them). The runtime's plan is cleared afterwards.
+    batch by batch (a killed study keeps them). The runtime's plan is cleared afterwards. With
+    ``stop_when_refused`` (default) a sequence ends once the detector has read a refusal (finish_reason
+    ``"refusal_detected"``, :func:`~pyrefusal.stages.generate.complete_armed`): the search only needs verdicts.
 
     Returns:
         One completion per prompt, in ``prompts`` order.
@@ -417,6 +425,7 @@ def generate_condition(
                 system=system,
                 batch_size=batch_size,
                 on_batch=keep,
+                stop_when_refused=stop_when_refused,
             )
         finally:
             runtime.clear_plan()

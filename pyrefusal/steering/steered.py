@@ -55,8 +55,15 @@ from pyrefusal.method import intervention as iv
 from pyrefusal.results import RESULTS_FILE, ResultsError, RunResults, load_direction
 from pyrefusal.runtime import capi
 from pyrefusal.runtime.validate import validate_model_file
-from pyrefusal.steering.export import ExportError, cached_ablation_lora, direction_sha256, read_gguf_header
+from pyrefusal.steering.export import (
+    ExportError,
+    ablation_lora_support,
+    cached_ablation_lora,
+    direction_sha256,
+    read_gguf_header,
+)
 from pyrefusal.steering.router import SteeringError, decide
+from pyrefusal.steering.weighted import WeightedAblation, cached_weighted_lora, read_pick
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -68,6 +75,7 @@ __all__ = [
     "SteeringError",
     "build_app",
     "chat_repl",
+    "plan_pick",
     "plan_steering",
     "serve",
     "set_control_vector",
@@ -107,6 +115,9 @@ class Steering:
         n_layer: the model's block count.
         n_embd: the model's residual width.
         provenance: facts about the source (run directory, hashes, selection).
+        weighted: the partial-weight ablation of ``pyrefusal optimize --pick N`` that ``lora_path`` carries (a
+            per-writer weighted LoRA, the file ``pyrefusal export lora`` writes), or None for the paper's ablation.
+        pick: the pick's record (``trial``, val first-token ``refusal`` and ``kl``) when ``weighted`` is set.
     """
 
     model_path: Path
@@ -121,6 +132,25 @@ class Steering:
     layer: int | None = None
     coeff: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    weighted: WeightedAblation | None = None
+    pick: dict[str, Any] | None = None
+
+    @property
+    def source(self) -> str:
+        """Which intervention this is, in words (the startup line of ``chat`` and ``serve``)."""
+        if self.pick is not None:
+            return (
+                f"optimize pick #{self.pick['trial']} (per-writer weighted ablation; val first-token KL "
+                f"{self.pick['kl']:.4f}, refusal {self.pick['refusal']:.4f}; --paper for the run's direction)"
+            )
+        if self.direction is None:
+            return "no direction"
+        if "run_dir" in self.provenance:
+            return (
+                f"the paper's direction (the run's pick: position {self.provenance.get('position')}, "
+                f"layer {self.provenance.get('selected_layer')})"
+            )
+        return "the given direction"
 
     @property
     def path(self) -> Literal["lora", "cvec", "none"]:
@@ -130,7 +160,17 @@ class Steering:
         return "cvec" if self.control_vector else "none"
 
     def as_intervention(self) -> iv.Intervention:
-        """The equivalent :class:`~pyrefusal.method.intervention.Intervention` (for pyrefusal's Runtime)."""
+        """The equivalent :class:`~pyrefusal.method.intervention.Intervention` (for pyrefusal's Runtime).
+
+        Raises:
+            SteeringError: a weighted ablation (an optimize pick) has per-writer weights no Intervention holds;
+                apply it to a Runtime with :func:`pyrefusal.steering.weighted.apply_weighted`.
+        """
+        if self.weighted is not None:
+            raise SteeringError(
+                "an optimize pick is a per-writer weighted ablation, not an Intervention; apply it to a Runtime with "
+                "pyrefusal.steering.weighted.apply_weighted(runtime, steering.lora_path, steering.weighted, ...)"
+            )
         if self.intervention == "ablation":
             assert self.direction is not None
             return iv.ablation(self.direction)
@@ -151,7 +191,10 @@ class Steering:
             "coefficient": self.coeff,
             "exact": self.exact,
             "note": self.note,
+            "source": self.source,
         }
+        if self.pick is not None:
+            out["pick"] = dict(self.pick)
         if self.direction is not None:
             out["direction_sha256"] = direction_sha256(self.direction)
             out["direction_norm"] = float(np.linalg.norm(self.direction))
@@ -284,8 +327,13 @@ def steering_from_run(
     allow_inexact: bool = False,
     verify: bool = True,
     adapter_root: Path | None = None,
+    paper: bool = False,
 ) -> Steering:
     """:func:`plan_steering` for a finished run directory (``results.json`` + ``direction.npy``).
+
+    An ablation uses the trial ``pyrefusal optimize RUN_DIR --pick N`` chose (``optimize/pick.json``) when there
+    is one, as ``export lora`` does: its per-writer weighted LoRA (:func:`plan_pick`). ``paper=True`` ignores the
+    pick and ablates the run's direction (the paper's rule).
 
     Args:
         run_dir: the ``pyrefusal run --out`` directory.
@@ -296,12 +344,13 @@ def steering_from_run(
         allow_inexact: as in :func:`plan_steering`.
         verify: check the model file's sha256 against the run's ``model.sha256``.
         adapter_root: as in :func:`plan_steering`.
+        paper: ignore ``optimize/pick.json`` (ablation only; an addition always uses the run's direction).
 
     Returns:
         The :class:`Steering`, with the run's selection in its provenance.
 
     Raises:
-        SteeringError: missing files, a different model, or as :func:`plan_steering`.
+        SteeringError: missing files, a different model, a damaged pick, or as :func:`plan_steering`.
     """
     run_dir = Path(run_dir)
     results, direction = _read_run(run_dir)
@@ -326,6 +375,28 @@ def steering_from_run(
         "position": sel.position,
         "base_sha256": expected,
     }
+    if intervention == "ablation" and not paper:
+        try:
+            chosen = read_pick(run_dir)
+        except ExportError as e:
+            raise SteeringError(str(e)) from None
+        if chosen is not None:
+            ablation, record = chosen
+            if expected and record.get("base_sha256") and record["base_sha256"] != expected:
+                raise SteeringError(
+                    f"{run_dir / 'optimize' / 'pick.json'} was picked on another model (sha256 "
+                    f"{str(record['base_sha256'])[:12]}, the run's {expected[:12]}); pick again with "
+                    f"`pyrefusal optimize {run_dir} --pick N`, or pass --paper (paper=True)"
+                )
+            return plan_pick(
+                model,
+                ablation,
+                record,
+                allow_inexact=allow_inexact,
+                model_sha256=sha,
+                adapter_root=adapter_root,
+                provenance={k: v for k, v in prov.items() if v is not None},
+            )
     return plan_steering(
         model,
         direction,
@@ -336,6 +407,92 @@ def steering_from_run(
         model_sha256=sha,  # None: computed (once, with a sidecar) from the file actually loaded
         adapter_root=adapter_root,
         provenance={k: v for k, v in prov.items() if v is not None},
+    )
+
+
+def plan_pick(
+    model_path: str | os.PathLike[str],
+    ablation: WeightedAblation,
+    record: Mapping[str, Any],
+    *,
+    allow_inexact: bool = False,
+    model_sha256: str | None = None,
+    adapter_root: Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Steering:
+    """Resolve an optimize pick (:func:`~pyrefusal.steering.weighted.read_pick`) into its per-writer weighted LoRA.
+
+    The adapter is :func:`~pyrefusal.steering.weighted.cached_weighted_lora`'s, i.e. the file ``pyrefusal export
+    lora`` writes for the pick, loaded at scale 1: llama.cpp applies ``W - w(l) r̂ r̂ᵀ W`` per writer in its graph.
+
+    Args:
+        model_path: the base GGUF.
+        ablation: the pick's weighted ablation.
+        record: the pick's record (``trial``, ``values``: val first-token ``refusal`` and ``kl``).
+        allow_inexact: a pick that edits the token embeddings on a model whose LM head is tied to them: leave the
+            embeddings out of the LoRA (not the whole intervention; recorded in ``exact``/``note``).
+        model_sha256, adapter_root, provenance: as in :func:`plan_steering`.
+
+    Raises:
+        SteeringError: a model the LoRA cannot ablate exactly, a pick for another model shape, or tied embeddings
+            without ``allow_inexact``.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise SteeringError(f"model file not found: {model_path}. Pass the .gguf the pick was searched on.")
+    try:
+        validate_model_file(model_path)
+        support = ablation_lora_support(model_path)
+    except (ExportError, ModelError) as e:
+        raise SteeringError(str(e)) from e
+    if not support.exact:
+        raise SteeringError(f"a LoRA cannot apply the optimize pick exactly on {model_path.name}: {support.reason}")
+    n_layer, n_embd = len(support.writers) // 2, support.n_embd
+    if ablation.n_layer != n_layer or ablation.n_embd != n_embd:
+        raise SteeringError(
+            f"the optimize pick has {ablation.n_layer} layers x {ablation.n_embd} but {model_path.name} "
+            f"has {n_layer} x {n_embd}: it was searched on another model; pass that model or --paper"
+        )
+    exact, note = True, "per-writer weighted ablation LoRA (optimize pick), in llama.cpp's graph"
+    if ablation.embeddings and support.tied_embeddings:
+        if not allow_inexact:
+            raise SteeringError(
+                f"the optimize pick also edits the token embeddings, but {model_path.name} ties its LM head to them, "
+                "so the LoRA must leave them out (not the whole pick). Pass allow_inexact=True (--allow-inexact) to "
+                "accept that, or --paper for the run's direction; pyrefusal's Runtime applies the whole pick "
+                "(pyrefusal.steering.weighted.apply_weighted)"
+            )
+        exact = False
+        note = f"{model_path.name} ties its LM head to the embeddings: the pick's embedding edit is left out"
+    values = record.get("values", {})
+    pick = {
+        "trial": record.get("trial"),
+        "refusal": float(values.get("refusal", math.nan)),
+        "kl": float(values.get("kl", math.nan)),
+    }
+    try:
+        lora = cached_weighted_lora(
+            model_path,
+            ablation,
+            model_sha256=model_sha256,
+            skip_embeddings=not exact,
+            root=adapter_root,
+            provenance={"optimize_trial": pick["trial"]} if isinstance(pick["trial"], int) else None,
+        )
+    except ExportError as e:
+        raise SteeringError(f"cannot build the optimize pick's LoRA: {e}") from e
+    return Steering(
+        model_path=model_path,
+        intervention="ablation",
+        direction=ablation.direction.astype(np.float32),
+        exact=exact,
+        note=note,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        lora_path=lora,
+        provenance={**dict(provenance or {}), "optimize_trial": pick["trial"]},
+        weighted=ablation,
+        pick=pick,
     )
 
 
@@ -439,9 +596,10 @@ class SteeredModel:
         model_path: str | os.PathLike[str] | None = None,
         allow_inexact: bool = False,
         verify: bool = True,
+        paper: bool = False,
         **kwargs: Any,
     ) -> SteeredModel:
-        """Load the model of a finished run with its direction applied.
+        """Load the model of a finished run with its direction applied (its optimize pick when there is one).
 
         Args:
             run_dir: the ``pyrefusal run --out`` directory (``results.json``, ``direction.npy``).
@@ -451,6 +609,7 @@ class SteeredModel:
             model_path: the run's model if it moved.
             allow_inexact: as in :func:`plan_steering`.
             verify: check the model's sha256 against the run.
+            paper: ignore ``optimize/pick.json`` and ablate the run's direction (see :func:`steering_from_run`).
             **kwargs: ``n_ctx``, ``n_gpu_layers`` and ``llama_cpp.Llama`` arguments.
 
         Returns:
@@ -464,6 +623,7 @@ class SteeredModel:
             model_path=model_path,
             allow_inexact=allow_inexact,
             verify=verify,
+            paper=paper,
         )
         return cls(steering.model_path, steering=steering, **kwargs)
 
@@ -601,7 +761,10 @@ def chat_repl(
 
     d = model.describe()
     how = {"lora": "ablation LoRA", "cvec": f"control vector at block input {d['layer']}", "none": "no steering"}
-    say(f"pyrefusal chat: {d['intervention']} ({how[d['path']]}{'' if d['exact'] else ', NOT exact'}). {_REPL_HELP}\n")
+    say(
+        f"pyrefusal chat: {d['intervention']} ({how[d['path']]}{'' if d['exact'] else ', NOT exact'}) of "
+        f"{d['source']}. {_REPL_HELP}\n"
+    )
     messages = fresh()
     while True:
         try:

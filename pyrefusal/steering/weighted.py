@@ -6,7 +6,9 @@ A :class:`WeightedAblation` is a unit direction ``r̂`` and a weight per residua
 1 this is the paper's weight orthogonalisation (docs/method.md §5.4), which
 :func:`pyrefusal.steering.export.export_ablation_lora` writes as a LoRA. Here each writer is its own rank-1
 LoRA: ``lora_b = -w r̂`` (NumPy ``(n_embd, 1)``), ``lora_a = r̂ᵀ W`` (``(1, n_in)``), ``adapter.lora.alpha = 1``
-(scale 1); writers with weight 0 are left out of the file.
+(scale 1); writers with weight 0 are left out of the file. A rank-k ablation (k orthonormal directions ``R``,
+e.g. one per language) is the same with ``lora_b = -w Rᵀ`` ``(n_embd, k)``, ``lora_a = R W`` ``(k, n_in)`` and
+``adapter.lora.alpha = k`` (llama.cpp scales by alpha / rank, so again scale 1).
 
 The search must not reload the model, so ``r̂ᵀ W`` is not recomputed from the GGUF per trial: a
 :class:`WriterRows` holds ``Q W`` for an orthonormal basis ``Q`` of every direction the search can pick
@@ -22,6 +24,7 @@ ablates node ``embd`` with its hook (:func:`apply_weighted`, weight 1 only).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -35,7 +38,7 @@ import gguf
 import numpy as np
 
 from pyrefusal import __version__
-from pyrefusal.data.registry import cached_sha256
+from pyrefusal.data.registry import cache_dir, cached_sha256
 from pyrefusal.runtime import PlanEntry, Runtime
 from pyrefusal.steering.export import (
     LORA_FORMAT,
@@ -47,11 +50,14 @@ from pyrefusal.steering.export import (
 )
 
 __all__ = [
+    "PICK_FILE",
     "WEIGHTED_SEMANTICS",
     "WeightedAblation",
     "WriterRows",
     "apply_weighted",
+    "cached_weighted_lora",
     "export_weighted_lora",
+    "read_pick",
     "release_weighted",
     "weighted_lora_tensors",
     "write_weighted_lora",
@@ -62,15 +68,27 @@ WEIGHTED_SEMANTICS = (
     "attn_output / ffn_down W of layer l becomes W - w(l) r r^T W with the weights in pyrefusal.weights{embd}. "
     "Load it at scale 1 (--lora FILE) on the base model whose sha256 is pyrefusal.base_sha256."
 )
+WEIGHTED_SEMANTICS_RANK_K = (
+    "PARTIAL-WEIGHT ABLATION of {rank} orthonormal directions R as rank-{rank} LoRAs (lora_b = -w R^T, "
+    "lora_a = R W, alpha = {rank}, so scale 1): each attn_output / ffn_down W of layer l becomes W - w(l) R^T R W "
+    "with the weights in pyrefusal.weights{embd}. Load it at scale 1 (--lora FILE) on the base model whose sha256 "
+    "is pyrefusal.base_sha256."
+)
 _CHUNK_ELEMENTS = 1 << 24  # dequantize at most ~16M weights at a time
+#: Where ``pyrefusal optimize RUN_DIR --pick N`` writes the chosen trial, relative to the run directory.
+PICK_FILE = Path("optimize") / "pick.json"
 
 
 @dataclass(frozen=True)
 class WeightedAblation:
     """One partial-weight ablation (a trial of ``pyrefusal optimize``, or its pick).
 
+    Rank k > 1 (``direction`` of shape ``(k, n_embd)``, e.g. one direction per language): the rows are
+    orthonormalised (Gram-Schmidt orientation) and every writer becomes ``W - w(l) Rᵀ R W``, i.e. the span of the
+    k directions is removed with the writer's weight; the LoRA then has rank k.
+
     Attributes:
-        direction: unit direction r̂, float64 ``(n_embd,)``.
+        direction: unit direction r̂, float64 ``(n_embd,)``; or orthonormal rows R, float64 ``(k, n_embd)``.
         attn: weight of each layer's ``attn_output``, float64 ``(n_layer,)``.
         mlp: weight of each layer's ``ffn_down``, float64 ``(n_layer,)``.
         embeddings: weight of the token embeddings (0 = not edited).
@@ -82,11 +100,18 @@ class WeightedAblation:
     embeddings: float = 0.0
 
     def __post_init__(self) -> None:
-        d = np.asarray(self.direction, dtype=np.float64).reshape(-1)
-        n = float(np.linalg.norm(d))
-        if not np.isfinite(n) or n == 0.0:
-            raise ExportError("a weighted ablation needs a finite, non-zero direction")
-        object.__setattr__(self, "direction", d / n)
+        d = np.asarray(self.direction, dtype=np.float64)
+        if d.ndim == 2 and d.shape[0] == 1:
+            d = d[0]
+        if d.ndim == 2:
+            d = _orthonormal_rows(d)  # (k, n_embd)
+        else:
+            d = d.reshape(-1)
+            n = float(np.linalg.norm(d))
+            if not np.isfinite(n) or n == 0.0:
+                raise ExportError("a weighted ablation needs a finite, non-zero direction")
+            d = d / n
+        object.__setattr__(self, "direction", d)
         a = np.asarray(self.attn, dtype=np.float64).reshape(-1)
         m = np.asarray(self.mlp, dtype=np.float64).reshape(-1)
         if a.shape != m.shape:
@@ -101,6 +126,20 @@ class WeightedAblation:
     def n_layer(self) -> int:
         return int(self.attn.shape[0])
 
+    @property
+    def rank(self) -> int:
+        """How many directions are removed (1, or k for a ``(k, n_embd)`` direction)."""
+        return 1 if self.direction.ndim == 1 else int(self.direction.shape[0])
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.direction.shape[-1])
+
+    @property
+    def basis(self) -> np.ndarray:
+        """The orthonormal directions as rows, float64 ``(k, n_embd)``."""
+        return np.atleast_2d(self.direction)
+
     def writer_weights(self) -> dict[str, float]:
         """``{tensor name: weight}`` of every writer with a non-zero weight (layer order, attention first)."""
         out: dict[str, float] = {}
@@ -114,11 +153,18 @@ class WeightedAblation:
     def to_dict(self) -> dict[str, Any]:
         """JSON values (``pick.json``)."""
         return {
-            "direction": [float(x) for x in self.direction],
+            "direction": self.direction.tolist(),  # (n_embd,) or (k, n_embd)
             "attn": [float(x) for x in self.attn],
             "mlp": [float(x) for x in self.mlp],
             "embeddings": self.embeddings,
         }
+
+    def sha256(self) -> str:
+        """Hash of the direction and the weights (float64 bytes; names cached adapters)."""
+        h = hashlib.sha256(f"{self.n_layer}x{self.direction.shape}:{self.embeddings!r}:".encode())
+        for a in (self.direction, self.attn, self.mlp):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.hexdigest()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WeightedAblation:
@@ -129,6 +175,23 @@ class WeightedAblation:
             raise ExportError(
                 f"not a weighted ablation ({e}); write it again with `pyrefusal optimize --pick N`"
             ) from e
+
+
+def _orthonormal_rows(d: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the rows of ``d`` (``(k, n_embd)``, float64), in Gram-Schmidt orientation.
+
+    Raises:
+        ExportError: non-finite values, or rows that are linearly dependent (the rank would be less than k).
+    """
+    if not np.all(np.isfinite(d)):
+        raise ExportError("ablation directions must be finite")
+    if np.abs(d @ d.T - np.eye(d.shape[0])).max() <= 1e-12:  # already orthonormal (e.g. read from pick.json): kept
+        return np.ascontiguousarray(d)
+    q, r = np.linalg.qr(d.T)  # q (n_embd, k), r (k, k)
+    diag = np.abs(np.diag(r))
+    if diag.size == 0 or diag.min() <= 1e-8 * max(float(np.linalg.norm(d, axis=1).max()), 1e-300):
+        raise ExportError(f"the {d.shape[0]} ablation directions are (nearly) linearly dependent; drop one")
+    return np.ascontiguousarray((q * np.sign(np.diag(r))).T)  # (k, n_embd)
 
 
 def _checked_support(model_path: Path) -> LoraSupport:
@@ -197,12 +260,18 @@ class WriterRows:
             self.embd_rows = out
 
     def coefficients(self, direction: np.ndarray) -> np.ndarray:
-        """``Q r̂``, float64 ``(k,)``.
+        """``Q r̂``, float64 ``(k,)``; for directions ``R`` of shape ``(j, n_embd)``: ``Q Rᵀ``, ``(k, j)``.
 
         Raises:
             ExportError: ``direction`` is not in the span of the basis (the rows cannot express it).
         """
-        r = np.asarray(direction, dtype=np.float64).reshape(-1)
+        d = np.asarray(direction, dtype=np.float64)
+        if d.ndim == 2:
+            c2 = self.basis @ d.T  # (k, j)
+            if np.linalg.norm(d.T - self.basis.T @ c2) > 1e-6 * max(np.linalg.norm(d), 1e-300):
+                raise ExportError("a direction is outside the span of the precomputed directions")
+            return c2
+        r = d.reshape(-1)
         c = self.basis @ r
         if np.linalg.norm(r - self.basis.T @ c) > 1e-6 * max(np.linalg.norm(r), 1e-300):
             raise ExportError("the direction is outside the span of the precomputed directions")
@@ -210,11 +279,14 @@ class WriterRows:
 
 
 def weighted_lora_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[tuple[str, np.ndarray]]:
-    """The adapter's tensors: per edited writer ``(name.lora_a (1, n_in), name.lora_b (n_embd, 1))``, float32.
+    """The adapter's tensors: per edited writer ``(name.lora_a (1, n_in), name.lora_b (n_embd, 1))``, float32
+    (rank k: ``(k, n_in)`` and ``(n_embd, k)``).
 
     Raises:
         ExportError: embeddings asked but ``rows`` holds none, or the direction is outside the rows' span.
     """
+    if ablation.rank > 1:
+        return _rank_k_tensors(rows, ablation)
     c = rows.coefficients(ablation.direction)  # (k,)
     r = ablation.direction  # (n_embd,)
     tensors: list[tuple[str, np.ndarray]] = []
@@ -232,6 +304,28 @@ def weighted_lora_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[
     for name, w in ablation.writer_weights().items():
         a = c @ rows.rows[name].astype(np.float64)  # (n_in,) = r̂ᵀ W
         tensors += [(f"{name}.lora_a", a.reshape(1, -1)), (f"{name}.lora_b", (-w * r).reshape(-1, 1))]
+    return [(n, np.ascontiguousarray(t, dtype=np.float32)) for n, t in tensors]
+
+
+def _rank_k_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[tuple[str, np.ndarray]]:
+    """:func:`weighted_lora_tensors` for ``R`` of shape ``(j, n_embd)``: ``lora_a = R W`` ``(j, n_in)``,
+    ``lora_b = -w Rᵀ`` ``(n_embd, j)``; embeddings ``lora_a = E Rᵀ`` ``(n_vocab, j)``, ``lora_b = -e Rᵀ``."""
+    R = ablation.direction  # (j, n_embd) orthonormal
+    c = rows.coefficients(R)  # (k, j)
+    tensors: list[tuple[str, np.ndarray]] = []
+    if ablation.embeddings != 0.0:
+        if rows.embd_rows is None:
+            raise ExportError(
+                "the embeddings are to be edited but the adapter rows were built without them"
+                + (" (tied LM head: the LoRA cannot carry them)" if rows.support.tied_embeddings else "")
+            )
+        tensors += [
+            ("token_embd.weight.lora_a", rows.embd_rows.astype(np.float64) @ c),  # (n_vocab, j) = E Rᵀ
+            ("token_embd.weight.lora_b", -ablation.embeddings * R.T),  # (n_embd, j)
+        ]
+    for name, w in ablation.writer_weights().items():
+        a = c.T @ rows.rows[name].astype(np.float64)  # (j, n_in) = R W
+        tensors += [(f"{name}.lora_a", a), (f"{name}.lora_b", -w * R.T)]
     return [(n, np.ascontiguousarray(t, dtype=np.float32)) for n, t in tensors]
 
 
@@ -264,12 +358,12 @@ def write_weighted_lora(
     owned = {
         "intervention": "weighted_ablation",
         "version": __version__,
-        "semantics": WEIGHTED_SEMANTICS.format(
-            embd=f"; token embeddings weight {ablation.embeddings:g}" if ablation.embeddings else ""
+        "semantics": (WEIGHTED_SEMANTICS if ablation.rank == 1 else WEIGHTED_SEMANTICS_RANK_K).format(
+            embd=f"; token embeddings weight {ablation.embeddings:g}" if ablation.embeddings else "", rank=ablation.rank
         ),
         "base_sha256": base_sha,
         "base_file": rows.model_path.name,
-        "rank": 1,
+        "rank": ablation.rank,
         "lora_format": LORA_FORMAT,
         "weights": json.dumps({"attn": ablation.to_dict()["attn"], "mlp": ablation.to_dict()["mlp"]}),
         "ablation.embeddings": "lora" if ablation.embeddings else "NOT edited by this file",
@@ -281,7 +375,7 @@ def write_weighted_lora(
         writer.add_type("adapter")
         writer.add_name("pyrefusal partial-weight refusal-direction ablation")
         writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", 1.0)
+        writer.add_float32("adapter.lora.alpha", float(ablation.rank))  # llama.cpp scales by alpha / rank: 1
         write_provenance(writer, prov, owned)
         for name, arr in tensors:
             writer.add_tensor(name, arr)
@@ -321,8 +415,64 @@ def export_weighted_lora(
         )
     if skip_embeddings and ablation.embeddings:
         ablation = WeightedAblation(ablation.direction, ablation.attn, ablation.mlp, 0.0)
-    rows = WriterRows(path, ablation.direction[None, :], embeddings=bool(ablation.embeddings))
+    rows = WriterRows(path, ablation.basis, embeddings=bool(ablation.embeddings))
     return write_weighted_lora(rows, ablation, out_path, provenance=provenance)
+
+
+def read_pick(run_dir: str | os.PathLike[str]) -> tuple[WeightedAblation, dict[str, Any]] | None:
+    """The intervention ``pyrefusal optimize RUN_DIR --pick N`` chose (``RUN_DIR/optimize/pick.json``) and its
+    record (``trial``, ``values`` = val first-token ``refusal``/``kl``, ``base_sha256``, ...), or None when no
+    trial was picked.
+
+    The one reader of ``pick.json``: ``export lora``, :mod:`pyrefusal.steering.steered` (``chat``, ``serve``) and
+    ``pyrefusal.studies.optimize.load_pick`` (a re-export) all use it.
+
+    Raises:
+        ExportError: ``pick.json`` exists but cannot be read.
+    """
+    path = Path(run_dir) / PICK_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return WeightedAblation.from_dict(record["ablation"]), record
+    except (json.JSONDecodeError, KeyError, TypeError, ExportError) as e:
+        raise ExportError(
+            f"{path} is damaged ({e}); write it again with `pyrefusal optimize {run_dir} --pick N`"
+        ) from None
+
+
+def cached_weighted_lora(
+    model_path: str | os.PathLike[str],
+    ablation: WeightedAblation,
+    *,
+    model_sha256: str | None = None,
+    skip_embeddings: bool = False,
+    root: Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """The LoRA of ``ablation`` for ``model_path``, written once under ``cache_dir()/adapters`` by
+    :func:`export_weighted_lora` (the file ``pyrefusal export lora`` writes for a pick).
+
+    Args:
+        model_path: the base GGUF.
+        ablation: e.g. :func:`read_pick`'s.
+        model_sha256: the base's sha256 when already known (else computed, with a sidecar).
+        skip_embeddings: as in :func:`export_weighted_lora` (tied LM head: the file then is not exact).
+        root: cache directory (default ``registry.cache_dir() / "adapters"``).
+        provenance: extra ``pyrefusal.<key>`` facts written into a new file.
+
+    Raises:
+        ExportError: as :func:`export_weighted_lora`.
+    """
+    sha = model_sha256 or cached_sha256(model_path)
+    root = root if root is not None else cache_dir() / "adapters"
+    tag = "-noembd" if skip_embeddings and ablation.embeddings else ""
+    out = root / f"weighted-{sha[:16]}-{ablation.sha256()[:16]}-v{LORA_FORMAT}{tag}.gguf"
+    if not out.is_file():
+        prov = {"source": "pyrefusal runtime cache", **dict(provenance or {}), "base_sha256": sha}
+        export_weighted_lora(model_path, ablation, out, provenance=prov, skip_embeddings=skip_embeddings)
+    return out
 
 
 def apply_weighted(
@@ -335,7 +485,7 @@ def apply_weighted(
     if adapter is not None:
         runtime.set_lora([(adapter, 1.0)])
     if hook_embeddings:
-        d = ablation.direction.astype(np.float32)[None, :]  # (1, n_embd)
+        d = ablation.basis.astype(np.float32)  # (k, n_embd)
         runtime.set_plan({runtime.nodes.embd: PlanEntry(ablate=True)}, d)
 
 

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from pyrefusal.stages.layout import DirectionFiles
 from pyrefusal.stages.sample import sample_prompts, sample_train_val
 from pyrefusal.stages.search import (
     MEAN,
+    SPAN,
     ObjectiveSet,
     SearchSpace,
     TrialScores,
@@ -52,6 +53,7 @@ from pyrefusal.stages.search import (
     score_armed,
     score_trial,
 )
+from pyrefusal.stages.shards import Shards
 from pyrefusal.stages.tokens import table_refusal_tokens
 from pyrefusal.steering import router
 from pyrefusal.steering.export import ablation_lora_support
@@ -59,9 +61,13 @@ from pyrefusal.steering.weighted import (
     WeightedAblation,
     WriterRows,
     apply_weighted,
+    read_pick,
     release_weighted,
     write_weighted_lora,
 )
+
+if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
+    from pyrefusal.cluster.pool import ClusterSpec
 
 __all__ = ["DEFAULT_TRIALS", "STUDY_NAME", "OptimizePaths", "load_pick", "run_optimize"]
 
@@ -109,22 +115,9 @@ class OptimizePaths:
             object.__setattr__(self, name, r / rel if rel else r)
 
 
-def load_pick(run_dir: Path) -> tuple[WeightedAblation, dict[str, Any]] | None:
-    """The intervention ``pyrefusal optimize --pick N`` chose for ``run_dir`` and its record, or None.
-
-    Raises:
-        PyrefusalError: ``pick.json`` exists but cannot be read.
-    """
-    path = OptimizePaths(Path(run_dir) / "optimize").pick
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        return WeightedAblation.from_dict(record["ablation"]), record
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PyrefusalError(
-            f"{path} is damaged ({e}); write it again with `pyrefusal optimize {run_dir} --pick N`"
-        ) from None
+#: The pick of ``RUN_DIR`` (``optimize/pick.json``), or None: the reader lives in :mod:`pyrefusal.steering.weighted`
+#: (:func:`~pyrefusal.steering.weighted.read_pick`) so that steering (``chat``, ``serve``, exports) can use it.
+load_pick = read_pick
 
 
 # --- setup: everything checked before any work -------------------------------------------------------
@@ -229,6 +222,7 @@ def run_optimize(
     force: bool = False,
     log: Log = print,
     progress: Progress | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> dict[str, Any]:
     """Run or continue the search of ``run_dir`` (default: ``out``'s parent) in ``out`` (``RUN_DIR/optimize``).
 
@@ -239,6 +233,7 @@ def run_optimize(
         pick: a complete trial number to choose: writes ``pick.json`` and evaluates it on the test split.
         force: discard the study in ``out`` and start over.
         log / progress: messages and ``progress(stage, done, total)``.
+        cluster: score trials on model replicas in a Ray cluster (``--ray``), as many at a time as replicas.
 
     Returns:
         A summary: trials, Pareto front, pick and its test results.
@@ -289,15 +284,22 @@ def run_optimize(
         target = config.trials if config.trials is not None else (n_stored or DEFAULT_TRIALS)
         if pick is not None and pick >= max(target, n_stored) + 3 * target:
             raise PyrefusalError(f"--pick {pick}: the study will not have that trial (it targets {target} trials)")
-        rt = Runtime.for_study(
-            run.replace(
-                model=str(resolved.path), n_threads=config.n_threads, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx
-            ),
-            log=log,
+        settings = run.replace(
+            model=str(resolved.path), n_threads=config.n_threads, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx
         )
+        rt = Runtime.for_study(settings, log=log)
+        shards = None
         try:
-            return _optimize(rt, data, config, run, paths, run_dir, candidates, selection, target, pick, log, progress)
+            if cluster is not None:
+                from pyrefusal.cluster.pool import RayShards  # imports Ray: only with --ray
+
+                shards = RayShards(settings, cluster, sha256=rt.sha256, log=log)
+            return _optimize(
+                rt, data, config, run, paths, run_dir, candidates, selection, target, pick, log, progress, shards
+            )
         finally:
+            if shards is not None:
+                shards.close()
             rt.close()
 
 
@@ -354,6 +356,7 @@ def _space(
     }[config.embeddings]
     langs = tuple(directions)
     sources = langs + ((MEAN,) if config.direction_mix and len(langs) > 1 else ())
+    sources += (SPAN,) if config.direction_span and len(langs) > 1 else ()
     hi = max(1.0, float(int(config.prune_fraction * rt.n_layer) - 1))
     return SearchSpace(
         n_layer=rt.n_layer,
@@ -398,18 +401,21 @@ def _write_trials(paths: OptimizePaths, study: Any) -> list[dict[str, Any]]:
 
 
 def _rates(rows: list[Completion]) -> dict[str, dict[str, Any]]:
-    """``{lang: {kind: {"k", "n", "rate", "ci"}}}`` of detector refusals."""
+    """``{lang: {kind: {"k", "n", "rate", "ci", "tokens", "stopped"}}}`` of detector refusals (``tokens``:
+    generated tokens, ``stopped``: sequences ended early once a refusal was read)."""
     out: dict[str, dict[str, Any]] = {}
     for c in rows:
-        cell = out.setdefault(c.lang, {}).setdefault(c.kind, {"k": 0, "n": 0})
+        cell = out.setdefault(c.lang, {}).setdefault(c.kind, {"k": 0, "n": 0, "tokens": 0, "stopped": 0})
         cell["k"] += int(c.refused)
         cell["n"] += 1
+        cell["tokens"] += c.n_tokens
+        cell["stopped"] += int(c.finish_reason == "refusal_detected")
     pooled: dict[str, dict[str, int]] = {}
     for by_kind in out.values():
         for kind, cell in by_kind.items():
-            p = pooled.setdefault(kind, {"k": 0, "n": 0})
-            p["k"] += cell["k"]
-            p["n"] += cell["n"]
+            p = pooled.setdefault(kind, {"k": 0, "n": 0, "tokens": 0, "stopped": 0})
+            for key in p:
+                p[key] += cell[key]
     out["pooled"] = {k: dict(v) for k, v in pooled.items()}
     for by_kind in out.values():
         for cell in by_kind.values():
@@ -431,6 +437,7 @@ def _optimize(
     pick: int | None,
     log: Log,
     progress: Progress | None,
+    shards: Shards | None = None,
 ) -> dict[str, Any]:
     from optuna.trial import TrialState
 
@@ -450,42 +457,27 @@ def _optimize(
         f"writer rows for a {rows.basis.shape[0]}-dimensional basis in {timings['precompute_rows']:.1f}s"
     )
 
-    # -- objective prompts and their baseline; the paper's pick on the same prompts ------------------
-    t = time.perf_counter()
-    prompts: dict[str, tuple[list[Prompt], list[Prompt]]] = {}
-    ids: dict[str, list[int]] = {}
-    for lang in config.languages:
-        s = sample_train_val(data, lang, n_train=run.n_train, n_val=config.n_val, seed=run.seed)
-        prompts[lang] = (s["harmful_val"], s["harmless_val"])
-        ids[lang] = _refusal_ids(rt, lang, run)
-    sets = prepare_objective(rt, prompts, ids, system)
-    paper_direction = candidates.get(selection.position, selection.layer)  # (n_embd,) float64
-    router.arm(rt, iv.ablation(paper_direction), path="hook")
-    try:
-        paper = score_armed(rt, sets)
-    finally:
-        rt.clear_plan()
-    timings["baseline_and_paper"] = time.perf_counter() - t
-    reference = {
-        "baseline": {
-            "refusal": float(np.mean([s.base_refusal for s in sets])),
-            "kl": 0.0,
-            "false_refusal": float(np.mean([s.base_false_refusal for s in sets])),
-            "per_language": {
-                s.lang: {"refusal": s.base_refusal, "kl": 0.0, "false_refusal": s.base_false_refusal} for s in sets
-            },
-        },
-        "paper": {"position": selection.position, "layer": selection.layer, **paper.summary()},
-        "languages": list(config.languages),
-        "n_val": {s.lang: [len(s.harmful), len(s.harmless)] for s in sets},
-        "refusal_tokens": {lang: [rt.detokenize([i]) for i in v] for lang, v in ids.items()},
-    }
-    write_atomic(paths.reference, json.dumps(reference, indent=1, ensure_ascii=False))
-
-    # -- the search ---------------------------------------------------------------------------------
+    # -- the study: how many trials are still to run ---------------------------------------------
     n_startup = max(3, min(10, target // 3))
     study, _ = _open_study(paths, config.seed, n_startup)
     done = len(_complete_trials(study))
+
+    # -- objective prompts and their baseline; the paper's pick on the same prompts ------------------
+    # (skipped when no trial is to run and nothing is to be confirmed: a --pick on a finished study reads the
+    # reference it wrote before instead of scoring the val prompts again)
+    t = time.perf_counter()
+    ids = {lang: _refusal_ids(rt, lang, run) for lang in config.languages}
+    paper_direction = candidates.get(selection.position, selection.layer)  # (n_embd,) float64
+    cached = _stored_reference(paths, config)
+    sets: list[ObjectiveSet] = []
+    if done >= target and not config.n_confirm and cached is not None:
+        log(f"no new trials and no confirmations: the val reference is read from {paths.reference.name}")
+        reference = cached
+    else:
+        reference = _val_reference(rt, data, config, run, paths, selection, ids, paper_direction, sets)
+        timings["baseline_and_paper"] = time.perf_counter() - t
+
+    # -- the search ---------------------------------------------------------------------------------
     provenance = {"base_sha256": rt.sha256, "source": "pyrefusal optimize trial", "run_dir": str(run_dir)}
     paths.adapters.mkdir(exist_ok=True)
     hook_embd = tied and True in space.embeddings
@@ -494,8 +486,34 @@ def _optimize(
     else:
         log(f"study holds {done} complete trials; running {target - done} more (target {target})")
     trial_seconds: list[float] = []
+
+    def finish(trial: Any, ablation: WeightedAblation, scores: TrialScores, seconds: float) -> None:
+        """Store a scored trial in the study, rewrite trials.jsonl, say where the search stands."""
+        nonlocal done
+        trial.set_user_attr("scores", scores.summary())
+        trial.set_user_attr(
+            "ablation",
+            {"attn": ablation.attn.tolist(), "mlp": ablation.mlp.tolist(), "embeddings": ablation.embeddings},
+        )
+        study.tell(trial, [scores.refusal, scores.kl])
+        done += 1
+        trial_seconds.append(seconds)
+        _write_trials(paths, study)
+        ok = [x for x in _complete_trials(study) if x.values[1] <= config.kl_threshold]
+        best = min(ok, key=lambda x: x.values[0]) if ok else None
+        eta = np.mean(trial_seconds) * (target - done) / (shards.width if shards is not None else 1)
+        lang, worst = scores.worst
+        log(
+            f"trial {trial.number} ({done}/{target}): refusal {scores.refusal:.4f} (worst {lang} {worst:.4f}), "
+            f"KL {scores.kl:.4f}, {trial_seconds[-1]:.1f}s; best with KL <= {config.kl_threshold}: "
+            + (f"#{best.number} refusal {best.values[0]:.4f} KL {best.values[1]:.4f}" if best else "none yet")
+            + f"; ETA {eta:.0f}s"
+        )
+        if progress:
+            progress("optimize trials", done, target)
+
     attempts = 0
-    while done < target and attempts < 3 * target:
+    while shards is None and done < target and attempts < 3 * target:
         attempts += 1
         trial = study.ask()
         t0 = time.perf_counter()
@@ -515,27 +533,32 @@ def _optimize(
             log(f"trial {trial.number} failed: {e}")
             study.tell(trial, state=TrialState.FAIL)
             continue
-        trial.set_user_attr("scores", scores.summary())
-        trial.set_user_attr(
-            "ablation",
-            {"attn": ablation.attn.tolist(), "mlp": ablation.mlp.tolist(), "embeddings": ablation.embeddings},
-        )
-        study.tell(trial, [scores.refusal, scores.kl])
-        done += 1
-        trial_seconds.append(time.perf_counter() - t0)
-        _write_trials(paths, study)
-        ok = [x for x in _complete_trials(study) if x.values[1] <= config.kl_threshold]
-        best = min(ok, key=lambda x: x.values[0]) if ok else None
-        eta = np.mean(trial_seconds) * (target - done)
-        lang, worst = scores.worst
-        log(
-            f"trial {trial.number} ({done}/{target}): refusal {scores.refusal:.4f} (worst {lang} {worst:.4f}), "
-            f"KL {scores.kl:.4f}, {trial_seconds[-1]:.1f}s; best with KL <= {config.kl_threshold}: "
-            + (f"#{best.number} refusal {best.values[0]:.4f} KL {best.values[1]:.4f}" if best else "none yet")
-            + f"; ETA {eta:.0f}s"
-        )
-        if progress:
-            progress("optimize trials", done, target)
+        finish(trial, ablation, scores, time.perf_counter() - t0)
+    # --ray: as many trials at a time as there are replicas (Optuna's ask-and-tell; TPE treats the asked, not yet
+    # told trials as running), each scored by a replica as the same rank-1 adapters; the driver alone writes study.db
+    while shards is not None and done < target and attempts < 3 * target:
+        asked: list[tuple[Any, WeightedAblation]] = []
+        for _ in range(min(shards.width, target - done)):
+            attempts += 1
+            trial = study.ask()
+            try:
+                asked.append((trial, space.ablation(space.suggest(trial))))
+            except PyrefusalError as e:
+                log(f"trial {trial.number} failed: {e}")
+                study.tell(trial, state=TrialState.FAIL)
+        basis, with_embd = space.basis(), (True in space.embeddings) and not tied
+        units = [
+            (basis, with_embd, ab, sets, {**provenance, "trial": tr.number}, hook_embd and ab.embeddings > 0)
+            for tr, ab in asked
+        ]
+        t0 = time.perf_counter()
+        for i, result in shards.map(trial_unit, units, label="optimize trials"):
+            trial, ablation = asked[i]
+            if isinstance(result, str):
+                log(f"trial {trial.number} failed: {result}")
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            finish(trial, ablation, result, time.perf_counter() - t0)
     trial_rows = _write_trials(paths, study)
     if trial_seconds:
         timings["trials"] = float(np.sum(trial_seconds))
@@ -615,7 +638,10 @@ def _optimize(
             "run_dir": str(run_dir),
         }
         write_atomic(paths.pick, json.dumps(record, indent=1))
-        log(f"wrote {paths.pick}: `pyrefusal export lora {run_dir}` now exports trial {pick}")
+        log(
+            f"wrote {paths.pick}: `pyrefusal export lora|chat|serve {run_dir}` now use trial {pick} (--paper: "
+            "the run's direction)"
+        )
         t = time.perf_counter()
         pick_result = _test_split(
             rt, data, config, run, paths, ids, paper_direction, pick, ablation, generate, with_adapter
@@ -647,6 +673,57 @@ def _optimize(
     }
     write_optimize_report(paths.root, summary, kl_threshold=config.kl_threshold)
     return summary
+
+
+def _stored_reference(paths: OptimizePaths, config: OptimizeSettings) -> dict[str, Any] | None:
+    """``reference.json`` when it was written for this study's languages, else None."""
+    try:
+        ref = json.loads(paths.reference.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = isinstance(ref, dict) and ref.get("languages") == list(config.languages) and "paper" in ref
+    return ref if ok else None
+
+
+def _val_reference(
+    rt: Runtime,
+    data: PolyRefuse,
+    config: OptimizeSettings,
+    run: RunSettings,
+    paths: OptimizePaths,
+    selection: Selection,
+    ids: dict[str, list[int]],
+    paper_direction: np.ndarray,
+    sets: list[ObjectiveSet],
+) -> dict[str, Any]:
+    """Score the val prompts of every objective language (baseline, and the paper's pick by the hook), fill
+    ``sets`` with them, and write ``reference.json``; returns its contents."""
+    prompts: dict[str, tuple[list[Prompt], list[Prompt]]] = {}
+    for lang in config.languages:
+        s = sample_train_val(data, lang, n_train=run.n_train, n_val=config.n_val, seed=run.seed)
+        prompts[lang] = (s["harmful_val"], s["harmless_val"])
+    sets += prepare_objective(rt, prompts, ids, run.system_prompt)
+    router.arm(rt, iv.ablation(paper_direction), path="hook")
+    try:
+        paper = score_armed(rt, sets)
+    finally:
+        rt.clear_plan()
+    reference = {
+        "baseline": {
+            "refusal": float(np.mean([s.base_refusal for s in sets])),
+            "kl": 0.0,
+            "false_refusal": float(np.mean([s.base_false_refusal for s in sets])),
+            "per_language": {
+                s.lang: {"refusal": s.base_refusal, "kl": 0.0, "false_refusal": s.base_false_refusal} for s in sets
+            },
+        },
+        "paper": {"position": selection.position, "layer": selection.layer, **paper.summary()},
+        "languages": list(config.languages),
+        "n_val": {s.lang: [len(s.harmful), len(s.harmless)] for s in sets},
+        "refusal_tokens": {lang: [rt.detokenize([i]) for i in v] for lang, v in ids.items()},
+    }
+    write_atomic(paths.reference, json.dumps(reference, indent=1, ensure_ascii=False))
+    return reference
 
 
 def _test_split(
@@ -686,7 +763,7 @@ def _test_split(
     finally:
         rt.clear_plan()
     tied = ablation_lora_support(rt.path).tied_embeddings
-    rows = WriterRows(rt.path, ablation.direction[None, :], embeddings=bool(ablation.embeddings) and not tied)
+    rows = WriterRows(rt.path, ablation.basis, embeddings=bool(ablation.embeddings) and not tied)
     adapter = None
     if ablation.writer_weights():
         adapter = write_weighted_lora(rows, ablation, paths.adapters / f"pick-{pick}.gguf", provenance={"trial": pick})
@@ -695,7 +772,7 @@ def _test_split(
         chosen: TrialScores = score_armed(rt, sets)
     finally:
         release_weighted(rt, adapter, delete=True)
-    prompts = [p for h, n in test.values() for p in (*h, *n)]
+    prompts = [p for h, n in test.values() for p in (*h, *(n if config.test_harmless else ()))]
     fr = [s.base_false_refusal for s in sets if not math.isnan(s.base_false_refusal)]
     base = {
         "refusal": float(np.mean([s.base_refusal for s in sets])),
@@ -718,3 +795,41 @@ def _test_split(
             "pick": _rates(with_adapter(pick, ablation, prompts, f"pick-{pick}")),
         },
     }
+
+
+_ROWS: dict[tuple[str, str, bool], WriterRows] = {}
+"""The writer rows of a search basis, per replica process (built on a replica's first trial, then reused)."""
+
+
+def trial_unit(
+    runtime: Runtime,
+    basis: np.ndarray,
+    embeddings: bool,
+    ablation: WeightedAblation,
+    sets: list[ObjectiveSet],
+    provenance: dict[str, Any],
+    hook_embeddings: bool,
+) -> TrialScores | str:
+    """Ray unit (``optimize --ray``): score one trial on a replica (:func:`~pyrefusal.stages.search.score_trial`,
+    its adapter written to a temporary file on the replica's node). ``basis``: the search space's
+    ``(k, n_embd)`` basis, from which the replica builds its writer rows once. Returns the scores, or the message
+    of a trial that cannot be scored (the driver marks it failed, as one process does)."""
+    import hashlib
+    import tempfile
+
+    key = (str(runtime.path), hashlib.sha256(np.ascontiguousarray(basis).tobytes()).hexdigest(), embeddings)
+    if key not in _ROWS:
+        _ROWS[key] = WriterRows(runtime.path, basis, embeddings=embeddings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pyrefusal-trial-") as tmp:
+            return score_trial(
+                runtime,
+                _ROWS[key],
+                ablation,
+                sets,
+                Path(tmp) / "trial.gguf",
+                provenance=provenance,
+                hook_embeddings=hook_embeddings,
+            )
+    except PyrefusalError as e:
+        return str(e)
