@@ -193,10 +193,7 @@ class RayShards:
         self.threads = threads
         gpu_layers = config.n_gpu_layers if self.use_gpu else 0
         self.config = dataclasses.replace(config, n_threads=threads, n_gpu_layers=gpu_layers)
-        options: dict[str, Any] = {"num_cpus": threads, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0}
-        if spec.env:
-            options["runtime_env"] = {"env_vars": dict(spec.env)}
-        self._actor = ray.remote(ModelWorker).options(**options)
+        self._actor = ray.remote(ModelWorker).options(**_placement(spec, threads, self.use_gpu), max_restarts=0)
         t = time.perf_counter()
         self.workers = [self._start() for _ in range(workers)]
         try:
@@ -356,6 +353,14 @@ def _cause(exc: Any) -> BaseException:
     return ClusterError(f"a unit failed on a Ray worker: {exc}")
 
 
+def _placement(spec: ClusterSpec, cpus: int, gpu: bool) -> dict[str, Any]:
+    """Ray options of a replica or a job: its CPUs, one GPU or none, and ``spec.env`` in its process."""
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
+    if spec.env:
+        options["runtime_env"] = {"env_vars": dict(spec.env)}
+    return options
+
+
 def _job(fn: Callable[..., T], label: str, index: int, args: Unit) -> T:
     """A whole-study job on a Ray worker: ``fn(*args)`` (with the :data:`FAULT_ENV` drill)."""
     _maybe_fail(label, index)
@@ -380,15 +385,8 @@ def run_jobs(
     """
     ray = connect(spec)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    options: dict[str, Any] = {
-        "num_cpus": spec.threads or threads or 1,
-        "num_gpus": 1 if gpus else 0,
-        "max_retries": MAX_ATTEMPTS,
-        "retry_exceptions": False,
-    }
-    if spec.env:
-        options["runtime_env"] = {"env_vars": dict(spec.env)}
-    task = ray.remote(_job).options(**options)
+    placement = _placement(spec, spec.threads or threads or 1, gpus > 0)
+    task = ray.remote(_job).options(**placement, max_retries=MAX_ATTEMPTS, retry_exceptions=False)
     pending = deque(range(len(jobs)))
     limit = spec.workers or len(jobs)  # --ray-workers: at most this many jobs at a time
     refs: dict[Any, int] = {}

@@ -17,7 +17,7 @@ divide by zero), and the log says so.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -163,6 +163,26 @@ def _sharded_sums(
     return [p for p in out if p is not None]
 
 
+def _train_masks(
+    filter: bool,
+    harmful_scores: Callable[[], np.ndarray],
+    harmless_scores: Callable[[], np.ndarray],
+    n_harmful: int,
+    n_harmless: int,
+    log: Log,
+    label: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The train prompts that enter the means: the paper's filter on their refusal scores (``(n,)`` each, computed
+    only when ``filter``), else all of them. Returns ``(keep_harmful, keep_harmless)`` bool masks."""
+    if not filter:
+        return np.ones(n_harmful, dtype=bool), np.ones(n_harmless, dtype=bool)
+    pre = f"{label} " if label else ""
+    return (
+        filter_mask(harmful_scores(), True, log, pre + "harmful train"),
+        filter_mask(harmless_scores(), False, log, pre + "harmless train"),
+    )
+
+
 def _merged_mean(parts: Sequence[CaptureSums], mask: np.ndarray) -> tuple[np.ndarray, int]:
     """The mean over the prompts ``mask`` keeps, from the chunks' sums: ``(mean float64 (P, L, E), count)``.
 
@@ -170,9 +190,7 @@ def _merged_mean(parts: Sequence[CaptureSums], mask: np.ndarray) -> tuple[np.nda
     applied in :func:`capture_unit`.
     """
     use_all = bool(mask.all())
-    total = parts[0].sum_all * 0.0
-    for p in parts:
-        total = total + (p.sum_all if use_all else p.sum_kept)
+    total = sum((p.sum_all if use_all else p.sum_kept for p in parts), start=np.zeros_like(parts[0].sum_all))
     n = int(mask.sum())
     return total / n, n
 
@@ -213,12 +231,15 @@ def extract_candidates(
     harm, harm_logits = runtime.capture(list(harmful), positions, layers=layers)
     less, less_logits = runtime.capture(list(harmless), positions, layers=layers)
     # harm / less: (n, n_positions, n_layers, n_embd) float32; *_logits: (n, n_vocab)
-    keep_h = np.ones(len(harm), dtype=bool)
-    keep_l = np.ones(len(less), dtype=bool)
-    if filter:
-        pre = f"{label} " if label else ""
-        keep_h = filter_mask(refusal_scores(harm_logits, refusal_ids), True, log, pre + "harmful train")
-        keep_l = filter_mask(refusal_scores(less_logits, refusal_ids), False, log, pre + "harmless train")
+    keep_h, keep_l = _train_masks(
+        filter,
+        lambda: refusal_scores(harm_logits, refusal_ids),
+        lambda: refusal_scores(less_logits, refusal_ids),
+        len(harm),
+        len(less),
+        log,
+        label,
+    )
     cands = mean_difference(harm[keep_h], less[keep_l], positions)
     return TrainCandidates(
         cands, keep_h, keep_l, harm if keep_activations else None, less if keep_activations else None
@@ -242,12 +263,9 @@ def _extract_sharded(
     less = _sharded_sums(shards, runtime, harmless, positions, refusal_ids, False, keep_activations)
     harm_scores = np.concatenate([p.scores for p in harm])  # (n_harmful,)
     less_scores = np.concatenate([p.scores for p in less])  # (n_harmless,)
-    keep_h = np.ones(len(harm_scores), dtype=bool)
-    keep_l = np.ones(len(less_scores), dtype=bool)
-    if filter:
-        pre = f"{label} " if label else ""
-        keep_h = filter_mask(harm_scores, True, log, pre + "harmful train")
-        keep_l = filter_mask(less_scores, False, log, pre + "harmless train")
+    keep_h, keep_l = _train_masks(
+        filter, lambda: harm_scores, lambda: less_scores, len(harm_scores), len(less_scores), log, label
+    )
     mu_pos, n_pos = _merged_mean(harm, keep_h)
     mu_neg, n_neg = _merged_mean(less, keep_l)
     cands = Candidates.from_means(mu_pos, mu_neg, positions, n_pos, n_neg)

@@ -449,7 +449,8 @@ def _optimize(
     space = _space(config, rt, directions, candidates.positions, selection)
     tied = ablation_lora_support(rt.path).tied_embeddings
     t = time.perf_counter()
-    rows = WriterRows(rt.path, space.basis(), embeddings=(True in space.embeddings) and not tied)
+    basis, with_embd = space.basis(), (True in space.embeddings) and not tied  # also what a --ray replica builds from
+    rows = WriterRows(rt.path, basis, embeddings=with_embd)
     timings["precompute_rows"] = time.perf_counter() - t
     log(
         f"search space: positions {space.position_choices}, layer index {space.layer_index} in {space.index_range}, "
@@ -546,7 +547,6 @@ def _optimize(
             except PyrefusalError as e:
                 log(f"trial {trial.number} failed: {e}")
                 study.tell(trial, state=TrialState.FAIL)
-        basis, with_embd = space.basis(), (True in space.embeddings) and not tied
         units = [
             (basis, with_embd, ab, sets, {**provenance, "trial": tr.number}, hook_embd and ab.embeddings > 0)
             for tr, ab in asked

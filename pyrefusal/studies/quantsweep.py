@@ -48,7 +48,7 @@ from pyrefusal.errors import DataError, PyrefusalError
 from pyrefusal.reporting.quant_report import write_quant_report
 from pyrefusal.rundir import RunLock, write_atomic, write_config
 from pyrefusal.settings import DEFAULT_TYPES, QuantSweepConfig
-from pyrefusal.stages.crossapply import transfer_matrix
+from pyrefusal.stages.crossapply import quiet, transfer_matrix
 from pyrefusal.stages.direction import LanguageDirection
 from pyrefusal.stages.generate import substring_detector
 from pyrefusal.stages.results import recorded_versions
@@ -118,7 +118,6 @@ def run_quant_sweep(
     """
     from pyrefusal.data.registry import cache_dir, cached_sha256, resolve_model
     from pyrefusal.runtime.validate import validate_model_file
-    from pyrefusal.steering.export import read_gguf_header
 
     config.validate()  # choices, before any file is made
     t_all = time.perf_counter()
@@ -129,8 +128,7 @@ def run_quant_sweep(
     resolved = resolve_model(config.model)
     base = Path(resolved.path)
     validate_model_file(base)  # hardening: llama.cpp aborts on impossible hyper-parameters when quantizing
-    raw_ftype = read_gguf_header(base).kv.get("general.file_type")
-    base_ftype = int(raw_ftype) if raw_ftype is not None else None
+    base_ftype = _file_type(base)
     requant = [n for n in names if parse_ftype(n) != base_ftype] if base_ftype not in FLOAT_FTYPES else []
     if requant and not config.allow_requantize:
         raise PyrefusalError(
@@ -283,15 +281,17 @@ def _completions_text(out: Path, name: str) -> str:
 def _variant_on_node(model: str, name: str, config: QuantSweepConfig, work: Path) -> Variant:
     """The variant GGUF on this node: made from the model resolved here (registry, cache or path) if missing."""
     from pyrefusal.data.registry import resolve_model
-    from pyrefusal.steering.export import read_gguf_header
 
     base = Path(resolve_model(model).path)
-    raw = read_gguf_header(base).kv.get("general.file_type")
-    return make_variant(base, int(raw) if raw is not None else None, name, work, config, _quiet)
+    return make_variant(base, _file_type(base), name, work, config, quiet)
 
 
-def _quiet(_: str) -> None:
-    pass
+def _file_type(path: Path) -> int | None:
+    """``general.file_type`` of a GGUF (None when it does not say)."""
+    from pyrefusal.steering.export import read_gguf_header
+
+    raw = read_gguf_header(path).kv.get("general.file_type")
+    return int(raw) if raw is not None else None
 
 
 def variant_job(
@@ -303,7 +303,7 @@ def variant_job(
     if v.status != "ok":
         return v, None
     data = PolyRefuse(resolve_data_source(config.data_dir).path)
-    return v, extract_variant_direction(v, data, config, extractions, _quiet, None)
+    return v, extract_variant_direction(v, data, config, extractions, quiet, None)
 
 
 def cross_job(
