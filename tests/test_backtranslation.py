@@ -43,6 +43,25 @@ def test_english_passes_through_and_others_are_translated_per_language():
     assert bt.translated == 4
 
 
+class Unordered(Recorder):
+    """A batch translator (as on Ray replicas) whose batches finish in reverse order."""
+
+    def translate_batches(self, jobs):
+        done = [(i, self.translate(*job)) for i, job in enumerate(jobs)]
+        yield from reversed(done)
+
+
+def test_batches_finishing_out_of_order_write_the_same_cache(tmp_path):
+    responses = ["Hallo", "Welt", "你好", "Tschüss", "Hallo", "مرحبا", "Guten Tag"]
+    langs = ["de", "de", "zh", "de", "de", "ar", "de"]
+    plain, unordered = tmp_path / "plain.jsonl", tmp_path / "unordered.jsonl"
+    a = BackTranslator(Recorder(), cache_path=plain, batch_size=2).back_translate(responses, langs)
+    tr = Unordered()
+    b = BackTranslator(tr, cache_path=unordered, batch_size=2).back_translate(responses, langs)
+    assert a == b and len(tr.calls) == 4  # de: 2 batches (4 distinct texts), zh: 1, ar: 1
+    assert plain.read_bytes() == unordered.read_bytes()  # appended in batch order, not in finishing order
+
+
 def test_cache_on_disk_survives_a_cut_last_line_and_keys_on_the_translator(tmp_path):
     cache = tmp_path / "bt.jsonl"
     first = BackTranslator(Recorder(), cache_path=cache).back_translate(["eins", "zwei"], ["de", "de"])

@@ -141,6 +141,36 @@ def test_driver_killed_resumes(local_ray, single, tiny_model, polyrefuse_dir, tm
         assert (single / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_judge_and_back_translation_on_replicas(local_ray, single, tiny_model, polyrefuse_dir, tmp_path) -> None:
+    """--judge on a sharded run: back-translation on the study's replicas (--judge-translator self) or on replicas
+    of a translation model, verdicts on replicas of the guard model; the caches and rates equal one process's."""
+    model = str(tiny_model[0])
+    copy = tiny_model[0].parent / "translator-copy.gguf"  # another translator spec: replicas of their own
+    if not copy.exists():
+        shutil.copyfile(tiny_model[0], copy)
+    for translator in ("self", str(copy)):
+        judge = ["--judge", "wildguard", "--judge-model", model, "--judge-translator", translator]
+        dirs = {}
+        for name, extra in (("one", []), ("ray", ["--ray", "--ray-workers", "2"])):
+            out = dirs[name] = tmp_path / f"{name}-{Path(translator).stem}"
+            shutil.copytree(single, out)
+            log = _invoke([*_args(tiny_model[0], polyrefuse_dir, out), *judge, *extra])
+        # 14 distinct German harmful responses (6 conditions x 3 prompts), in the translator's batches of 2; the
+        # guard's batches of 16 of the 29 distinct (English prompt, English text) pairs
+        assert "ray: back-translation: 7 units on 2 replica(s)" in log and "ray: judge: 2 units on 2" in log
+        assert "ray: 2 model replica(s) of pyrefusal-tiny" in log
+        if translator != "self":
+            assert log.count("ray: 2 model replica(s) of ") == 2  # the translator's, then the guard's
+        for name in ("back_translations.jsonl", "judge_cache.jsonl", *SAME):
+            assert (dirs["one"] / name).read_bytes() == (dirs["ray"] / name).read_bytes(), name
+        judged = _results(dirs["ray"])["evaluation"]["de"]["baseline"]["judge"]
+        assert judged["n"] == 3 and judged["back_translation"]["translated"] == 3
+        assert _results(dirs["one"]) == _results(dirs["ray"])
+        # judged again with Ray: everything comes from the caches
+        log = _invoke([*_args(tiny_model[0], polyrefuse_dir, dirs["ray"]), *judge, "--ray", "--ray-workers", "2"])
+        assert ": 0 new" in log and "ray: judge: " not in log
+
+
 def test_cluster_errors_say_what_to_do(local_ray, tiny_model, polyrefuse_dir, monkeypatch) -> None:
     config = _config(tiny_model[0], polyrefuse_dir)
     with pytest.raises(ClusterError, match="asks for a GPU, but the Ray cluster has none"):

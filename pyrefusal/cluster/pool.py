@@ -29,7 +29,7 @@ from pyrefusal.common import Log
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.runtime import Runtime
 from pyrefusal.settings import ChatSettings
-from pyrefusal.stages.shards import Unit
+from pyrefusal.stages.shards import ReplicaModel, Unit
 
 T = TypeVar("T")
 
@@ -117,14 +117,14 @@ class ModelWorker:
     """One model replica (a Ray actor): loads the study's model once and runs units on it.
 
     Args:
-        config: the study's settings (model, context sizes, GPU layers, prompt format); ``n_threads`` is the
-            replica's.
+        config: the study's settings (model, context sizes, GPU layers, prompt format), or another model a stage
+            needs (a guard judge, a translator); ``n_threads`` is the replica's.
     """
 
-    def __init__(self, config: ChatSettings) -> None:
+    def __init__(self, config: ChatSettings | ReplicaModel) -> None:
         self.error: PyrefusalError | None = None
         try:
-            self.runtime = Runtime.for_study(config)
+            self.runtime = config.open() if isinstance(config, ReplicaModel) else Runtime.for_study(config)
         except PyrefusalError as e:  # kept for info(), so the driver gets pyrefusal's message, not Ray's traceback
             self.error = e
 
@@ -133,7 +133,13 @@ class ModelWorker:
         if self.error is not None:
             raise self.error
         rt = self.runtime
-        return {"sha256": rt.sha256, "node": socket.gethostname(), "pid": os.getpid(), "n_gpu_layers": rt.n_gpu_layers}
+        return {
+            "sha256": rt.sha256,
+            "name": rt.name,
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "n_gpu_layers": rt.n_gpu_layers,
+        }
 
     def call(self, fn: Callable[..., Any], label: str, index: int, *unit: Any) -> tuple[Any, int]:
         """``fn(runtime, *unit)``; returns its value and the tokens the replica decoded for it. (The unit's
@@ -162,17 +168,25 @@ class RayShards:
     """Runs stage units on model replicas in a Ray cluster (:class:`~pyrefusal.stages.shards.Shards`).
 
     Args:
-        config: the study's settings; every replica loads ``config.model``.
+        config: the study's settings, or another model a stage needs (:class:`~pyrefusal.stages.shards.ReplicaModel`:
+            the guard judge, a back-translation model); every replica loads ``config.model``.
         spec: the cluster and its width.
-        sha256: the model hash the driver expects (its own copy's); a replica whose file differs is an error.
+        sha256: the model hash the driver expects (its own copy's); a replica whose file differs is an error. None:
+            the first replica's, which every other replica must match.
         log: messages (workers started, units rerun, per-stage throughput).
+
+    Attributes:
+        name / sha256: the replicas' model name and file hash (:class:`~pyrefusal.stages.shards.ModelShards`).
     """
 
-    def __init__(self, config: ChatSettings, spec: ClusterSpec, *, sha256: str | None = None, log: Log = print) -> None:
+    def __init__(
+        self, config: ChatSettings | ReplicaModel, spec: ClusterSpec, *, sha256: str | None = None, log: Log = print
+    ) -> None:
         self.ray = require_ray()
         self.log = log
         self.spec = spec
         self.sha256 = sha256
+        self.name = ""
         self.reruns = 0
         ray = connect(spec)
         resources = ray.cluster_resources()
@@ -202,9 +216,11 @@ class RayShards:
             self.close()  # free what was placed: a failed start leaves no replica holding the cluster's CPUs/GPUs
             raise
         self.width = len(self.workers)
+        self.name = infos[0]["name"]
         nodes = sorted({i["node"] for i in infos})
+        what = "" if isinstance(config, ChatSettings) else f" of {self.name}"
         log(
-            f"ray: {self.width} model replica(s) on {len(nodes)} node(s) ({', '.join(nodes)}), "
+            f"ray: {self.width} model replica(s){what} on {len(nodes)} node(s) ({', '.join(nodes)}), "
             f"{'1 GPU' if self.use_gpu else f'{threads} CPU thread(s)'} each, loaded in {time.perf_counter() - t:.1f}s"
         )
 
@@ -284,6 +300,11 @@ class RayShards:
         ray = self.ray
         if not units:
             return
+        if not self.workers:
+            raise ClusterError(
+                f"the {label or 'stage'} units have no replicas: this RayShards was closed (a stage opened another "
+                "model's replicas in its place). Open a new RayShards for them"
+            )
         pending: deque[int] = deque(range(len(units)))
         attempts = [0] * len(units)
         idle = list(range(len(self.workers)))

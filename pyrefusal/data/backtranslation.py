@@ -20,17 +20,18 @@ count these rows so that either case is looked at, not silently absorbed into a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from pyrefusal.common import in_order
 from pyrefusal.data.build import Translator
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.refusal import SubstringDetector
 from pyrefusal.rundir import JsonlCache, digest
 
-__all__ = ["PAPER_MAX_CHARS", "BackTranslation", "BackTranslator"]
+__all__ = ["PAPER_MAX_CHARS", "BackTranslation", "BackTranslator", "BatchTranslator"]
 
 PAPER_MAX_CHARS = 4999
 """Responses of 5000 characters or more are cut to this many before translating (docs/method.md §6.2)."""
@@ -38,6 +39,16 @@ PAPER_MAX_CHARS = 4999
 _CACHE_VERSION = 1
 _PAPER = SubstringDetector("paper")
 _NATIVE = SubstringDetector("multilingual")
+
+
+class BatchTranslator(Translator, Protocol):
+    """A :class:`~pyrefusal.data.build.Translator` that also translates many batches at once (e.g. on the model
+    replicas of a Ray cluster, :class:`pyrefusal.stages.judge.ReplicaTranslator`)."""
+
+    def translate_batches(self, jobs: Sequence[tuple[list[str], str, str]]) -> Iterator[tuple[int, list[str]]]:
+        """Translate every ``(texts, source, target)`` job; yield ``(index into jobs, outputs)`` as each finishes,
+        in any order, every job exactly once."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -134,10 +145,18 @@ class BackTranslator:
         for key, (text, lang) in zip(keys, pairs, strict=True):
             if key is not None and key not in self._cache:
                 pending.setdefault(lang, {})[key] = text
-        for lang, todo in pending.items():
-            items = list(todo.items())
-            for start in range(0, len(items), self.batch_size):
-                self._translate_chunk(lang, items[start : start + self.batch_size])
+        batches = [  # (language, [(key, response)]) in the order one process translates them
+            (lang, items[start : start + self.batch_size])
+            for lang, todo in pending.items()
+            for items in [list(todo.items())]
+            for start in range(0, len(items), self.batch_size)
+        ]
+        texts = [[r[: self.max_chars] for _, r in items] for _, items in batches]
+        jobs = [(t, lang, "en") for t, (lang, _) in zip(texts, batches, strict=True)]
+        run = getattr(self.translator, "translate_batches", None)
+        results = run(jobs) if run is not None else ((i, self.translator.translate(*job)) for i, job in enumerate(jobs))
+        # appended in batch order, whichever batch finished first: the cache file is the same either way
+        in_order(results, lambda i, english: self._record(*batches[i], texts[i], english))
         return [
             BackTranslation(lang, text, text, "identity")
             if key is None
@@ -145,9 +164,8 @@ class BackTranslator:
             for key, (text, lang) in zip(keys, pairs, strict=True)
         ]
 
-    def _translate_chunk(self, lang: str, items: list[tuple[str, str]]) -> None:
-        texts = [r[: self.max_chars] for _, r in items]
-        english = self.translator.translate(texts, lang, "en")
+    def _record(self, lang: str, items: list[tuple[str, str]], texts: list[str], english: list[str]) -> None:
+        """Append one batch's translations (``items``: (key, response); ``texts``: what was sent) to the cache."""
         if len(english) != len(texts):
             raise PyrefusalError(
                 f"translator {self.name} returned {len(english)} texts for {len(texts)}; it must return one per input"

@@ -32,19 +32,22 @@ puts on refusal tokens at the first generated position (docs/method.md §4.1's `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pyrefusal.common import in_order
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.refusal import RefusalVerdict
 from pyrefusal.method.selection import log_softmax
 from pyrefusal.rundir import JsonlCache, digest
 from pyrefusal.runtime import ModelRunner
 from pyrefusal.stages.generate import Completion
+from pyrefusal.stages.shards import ModelShards, ReplicaModel, Replicas, Shards, Unit, chunks
 
 if TYPE_CHECKING:
     from pyrefusal.common import Log
@@ -221,36 +224,45 @@ class GuardJudge:
 
     Args:
         runtime: A :class:`~pyrefusal.runtime.runtime.Runtime` of the guard GGUF (its own, not the model under
-            test; any armed plan is cleared before judging). Its ``n_ctx`` bounds prompt + answer.
+            test; any armed plan is cleared before judging). Its ``n_ctx`` bounds prompt + answer. ``None`` with
+            ``shards``.
         fmt: ``"wildguard"`` or ``"llama-guard-3"``.
         cache_path: JSONL file of verdicts keyed by sha256 of (guard model sha256, format, prompt,
             response); appended as verdicts are made, read at construction. ``None`` = memory only.
         max_new_tokens: Greedy tokens per verdict (default 32 for WildGuard, 16 for Llama Guard 3).
         batch_size: Pairs generated together (and appended to the cache together).
+        shards: replicas of the guard model (``--ray``): each batch of uncached pairs is one unit
+            (:func:`guard_unit`), the verdicts appended to the cache in batch order by this process, so the cache
+            file is the same as one process writes.
 
     Raises:
-        PyrefusalError: Unknown format, or a Llama Guard runtime without a chat template.
+        PyrefusalError: Unknown format, neither a runtime nor shards, or a Llama Guard runtime without a chat
+            template.
 
     No guard model is available offline in this project's tests; see the module docstring.
     """
 
     def __init__(
         self,
-        runtime: ModelRunner,
+        runtime: ModelRunner | None,
         fmt: GuardFormat,
         *,
         cache_path: Path | str | None = None,
         max_new_tokens: int | None = None,
         batch_size: int = 16,
+        shards: ModelShards | None = None,
     ) -> None:
         if fmt not in _DEFAULT_MAX_NEW:
             raise PyrefusalError(f"unknown judge format {fmt!r}; use 'wildguard' or 'llama-guard-3'")
-        if fmt == "llama-guard-3" and not runtime.chat_template:
+        if runtime is None and shards is None:
+            raise PyrefusalError("a GuardJudge needs the guard model: a runtime, or shards (replicas) of it")
+        if runtime is not None and fmt == "llama-guard-3" and not runtime.chat_template:
             raise PyrefusalError(
                 f"{runtime.name} has no chat template; a Llama-Guard-3 GGUF carries its policy prompt in "
                 "tokenizer.chat_template. Convert the model with its tokenizer_config.json, or use --judge wildguard"
             )
         self.runtime = runtime
+        self.shards = shards
         self.fmt: GuardFormat = fmt
         self.max_new_tokens = max_new_tokens or _DEFAULT_MAX_NEW[fmt]
         self.batch_size = max(1, batch_size)
@@ -263,14 +275,28 @@ class GuardJudge:
     @property
     def name(self) -> str:
         """``"judge-{fmt}:{model name}"``, saved with every verdict."""
-        return f"judge-{self.fmt}:{self.runtime.name}"
+        return f"judge-{self.fmt}:{self._model.name}"
+
+    @property
+    def _model(self) -> ModelRunner | ModelShards:
+        """Where the guard model is: this process's runtime, else the replicas (name and sha256)."""
+        model = self.runtime if self.runtime is not None else self.shards
+        assert model is not None  # checked in __init__
+        return model
+
+    @property
+    def _runtime(self) -> ModelRunner:
+        """The local runtime (prompt building and generation run where the guard model is)."""
+        if self.runtime is None:
+            raise PyrefusalError("this GuardJudge judges on replicas of the guard model; it has no runtime here")
+        return self.runtime
 
     def __repr__(self) -> str:
         return f"GuardJudge({self.name!r}, cache={str(self.cache_path) if self.cache_path else None!r})"
 
     def cache_key(self, prompt_en: str, response: str) -> str:
         """sha256 of (guard model sha256, format, prompt, response), hex."""
-        return digest(self.runtime.sha256, self.fmt, prompt_en, response)
+        return digest(self._model.sha256, self.fmt, prompt_en, response)
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -280,7 +306,7 @@ class GuardJudge:
             return WILDGUARD_TEMPLATE.format(prompt=prompt_en, response=response)
         messages = [{"role": "user", "content": prompt_en}, {"role": "assistant", "content": response}]
         # The same Jinja2 formatter Runtime.format_chat renders single turns with.
-        return self.runtime.format_messages(messages)
+        return self._runtime.format_messages(messages)
 
     def prompt_tokens(self, prompt_en: str, response: str) -> tuple[list[int], bool]:
         """Tokens of the guard input, the response shortened when prompt + answer exceed ``n_ctx``.
@@ -288,20 +314,21 @@ class GuardJudge:
         Returns:
             ``(tokens, truncated)``.
         """
-        budget = self.runtime.n_ctx - self.max_new_tokens
-        toks = self.runtime.tokenize(self.build_prompt(prompt_en, response), add_special=False, parse_special=True)
+        rt = self._runtime
+        budget = rt.n_ctx - self.max_new_tokens
+        toks = rt.tokenize(self.build_prompt(prompt_en, response), add_special=False, parse_special=True)
         if len(toks) <= budget:
             return toks, False
-        resp = self.runtime.tokenize(response, add_special=False, parse_special=False)
+        resp = rt.tokenize(response, add_special=False, parse_special=False)
         keep = len(resp) - (len(toks) - budget) - 8  # a little slack: re-tokenising can merge differently
         while keep > 0:
-            short = self.runtime.detokenize(resp[:keep])
-            toks = self.runtime.tokenize(self.build_prompt(prompt_en, short), add_special=False, parse_special=True)
+            short = rt.detokenize(resp[:keep])
+            toks = rt.tokenize(self.build_prompt(prompt_en, short), add_special=False, parse_special=True)
             if len(toks) <= budget:
                 return toks, True
             keep -= max(8, (len(toks) - budget))
         raise PyrefusalError(
-            f"the {self.fmt} prompt does not fit the judge's n_ctx={self.runtime.n_ctx} even with an empty "
+            f"the {self.fmt} prompt does not fit the judge's n_ctx={rt.n_ctx} even with an empty "
             "response (the instruction is too long); create the judge Runtime with a larger n_ctx"
         )
 
@@ -335,21 +362,32 @@ class GuardJudge:
             if k not in self._cache and k not in todo:
                 todo[k] = (p, r)
         pending = list(todo.items())
-        for start in range(0, len(pending), self.batch_size):
-            chunk = pending[start : start + self.batch_size]
-            fitted = [self.prompt_tokens(p, r) for _, (p, r) in chunk]
-            self.runtime.clear_plan()
-            gens = self.runtime.generate([t for t, _ in fitted], self.max_new_tokens)
-            made = []
-            for (k, _), (_, truncated), g in zip(chunk, fitted, gens, strict=True):
-                raw = self.runtime.detokenize(g.tokens)  # unstripped: the parser strips per line
-                v = self.parse(raw)
-                if truncated:
-                    v = replace(v, truncated=True)
-                made.append((k, v.to_dict(), {"judge": self.name}))
-            self.generated += len(chunk)
-            self._cache.add(made)
+        batches = [pending[start : start + self.batch_size] for start in range(0, len(pending), self.batch_size)]
+        if self.shards is None:
+            results = ((i, self.verdicts([pair for _, pair in batch])) for i, batch in enumerate(batches))
+        else:
+            units = [(self.fmt, self.max_new_tokens, [pair for _, pair in batch]) for batch in batches]
+            results = self.shards.map(guard_unit, units, label="judge")
+
+        def record(i: int, verdicts: list[dict[str, Any]]) -> None:
+            self._cache.add([(k, v, {"judge": self.name}) for (k, _), v in zip(batches[i], verdicts, strict=True)])
+            self.generated += len(verdicts)
+
+        in_order(results, record)  # the cache gets the batches in order, whichever finished first
         return [JudgeVerdict.from_dict(self._cache[k]) for k in keys]
+
+    def verdicts(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Run the guard on (English instruction, response) pairs, uncached, together: one verdict
+        (:meth:`JudgeVerdict.to_dict`) per pair, in order."""
+        rt = self._runtime
+        fitted = [self.prompt_tokens(p, r) for p, r in pairs]
+        rt.clear_plan()
+        gens = rt.generate([t for t, _ in fitted], self.max_new_tokens)
+        out = []
+        for (_, truncated), g in zip(fitted, gens, strict=True):
+            v = self.parse(rt.detokenize(g.tokens))  # unstripped: the parser strips per line
+            out.append((replace(v, truncated=True) if truncated else v).to_dict())
+        return out
 
     def judge_pair(self, prompt_en: str, response: str, lang: str) -> JudgeVerdict:
         """Judge one pair (see :meth:`judge_pairs`)."""
@@ -408,6 +446,79 @@ def first_token_refusal(
     return p[:, ids].sum(axis=1)
 
 
+def guard_unit(
+    runtime: ModelRunner, fmt: GuardFormat, max_new_tokens: int, pairs: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """Judge unit: one batch of (English instruction, response) pairs on a replica of the guard model
+    (:meth:`GuardJudge.verdicts`)."""
+    return GuardJudge(runtime, fmt, max_new_tokens=max_new_tokens).verdicts(pairs)
+
+
+def translate_unit(
+    runtime: ModelRunner, texts: list[str], source: str, target: str, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Back-translation unit: one batch of texts on a replica of the translator
+    (:meth:`pyrefusal.data.build.LlamaTranslator.translate`)."""
+    from pyrefusal.data.build import LlamaTranslator
+
+    return LlamaTranslator(runtime, max_new_tokens=max_new_tokens, batch_size=batch_size).translate(
+        texts, source, target
+    )
+
+
+class ReplicaTranslator:
+    """A :class:`~pyrefusal.data.build.LlamaTranslator` whose batches run on model replicas
+    (:class:`~pyrefusal.data.backtranslation.BatchTranslator`): the same name, cache keys and translations.
+
+    Args:
+        shards: replicas of the translation model (the study's own for ``--judge-translator self``).
+        name / sha256: that model's name and file hash (as :attr:`LlamaTranslator.name` and ``model_sha256``
+            report them in one process).
+        max_new_tokens / batch_size: as :class:`~pyrefusal.data.build.LlamaTranslator`'s.
+    """
+
+    def __init__(self, shards: Shards, *, name: str, sha256: str | None, max_new_tokens: int, batch_size: int) -> None:
+        self.shards = shards
+        self.model_name = name
+        self.model_sha256 = str(sha256)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        """``"llama:{model name}"``, as the translator in one process."""
+        return f"llama:{self.model_name}"
+
+    def translate(self, texts: list[str], source: str, target: str) -> list[str]:
+        """Translate one batch on a replica."""
+        return next(v for _, v in self.translate_batches([(texts, source, target)]))
+
+    def translate_batches(self, jobs: Sequence[tuple[list[str], str, str]]) -> Iterator[tuple[int, list[str]]]:
+        """Every ``(texts, source, target)`` job; ``(index, outputs)`` as each job finishes.
+
+        A job is cut into the chunks of ``batch_size`` texts that :class:`~pyrefusal.data.build.LlamaTranslator`
+        generates together in one process, one unit each: the same batches, spread over the replicas.
+        """
+        units: list[Unit] = []
+        owner: list[int] = []  # unit -> job
+        for j, (texts, src, tgt) in enumerate(jobs):
+            for part in chunks(texts, self.batch_size):
+                units.append((part, src, tgt, self.max_new_tokens, self.batch_size))
+                owner.append(j)
+        parts: dict[int, dict[int, list[str]]] = {j: {} for j in range(len(jobs))}
+        left = Counter(owner)
+        for u, out in self.shards.map(translate_unit, units, label="back-translation"):
+            j = owner[u]
+            parts[j][u] = out
+            left[j] -= 1
+            if not left[j]:
+                done = parts.pop(j)
+                yield j, [t for u in sorted(done) for t in done[u]]
+        for j, (texts, _, _) in enumerate(jobs):  # a job without texts has no unit
+            if not texts:
+                yield j, []
+
+
 def back_translate_responses(
     runtime: ModelRunner,
     harmful: Sequence[Completion],
@@ -419,6 +530,8 @@ def back_translate_responses(
     n_gpu_layers: int,
     n_threads: int | None,
     log: Log,
+    shards: Shards | None = None,
+    replicas: Replicas | None = None,
 ) -> list[BackTranslation]:
     """English text of each harmful completion for the judge (docs/method.md §6.2), cached in ``cache_path``.
 
@@ -430,29 +543,40 @@ def back_translate_responses(
         max_new_tokens: the study's generation budget (translations get ``2x + 32``, at most 2048).
         n_seq_max / n_gpu_layers / n_threads: runtime settings of the translator.
         log: says how many were translated now.
+        shards: the study model's replicas (``--ray``): with ``"self"``, the batches run there.
+        replicas: opens replicas of another translation model (``--ray``); without it, the model is opened here.
     """
     from pyrefusal.data.backtranslation import BackTranslator
-    from pyrefusal.data.build import LlamaTranslator
-    from pyrefusal.runtime import Runtime
+    from pyrefusal.data.build import LlamaTranslator, Translator
 
     # Translations can be longer than the response in tokens (other scripts); leave room.
     max_new = min(2048, 2 * max_new_tokens + 32)
     own = translator == "self"
-    trt = (
-        runtime
-        if own
-        else Runtime.open(translator, n_ctx=8192, n_seq_max=n_seq_max, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-    )
-    try:
+    model = ReplicaModel(translator, 8192, n_seq_max, n_gpu_layers, n_threads)
+    trt: ModelRunner | None = None
+    pool: ModelShards | None = None
+    tr: Translator
+    if own and shards is not None:
+        tr = ReplicaTranslator(
+            shards, name=runtime.name, sha256=runtime.sha256, max_new_tokens=max_new, batch_size=n_seq_max
+        )
+    elif not own and replicas is not None:
+        pool = replicas(model)
+        tr = ReplicaTranslator(pool, name=pool.name, sha256=pool.sha256, max_new_tokens=max_new, batch_size=n_seq_max)
+    else:
+        trt = runtime if own else model.open()
         tr = LlamaTranslator(trt, max_new_tokens=max_new, batch_size=n_seq_max)
+    try:
         bt = BackTranslator(tr, cache_path=cache_path)
         out = bt.back_translate([c.response for c in harmful], [c.lang for c in harmful])
         log(f"back-translation {bt.name}: {bt.translated} new, the rest cached or English")
     finally:
         if own:
             runtime.clear_plan()
-        else:
+        elif trt is not None:
             trt.close()
+        if pool is not None:
+            pool.close()
     return out
 
 
@@ -470,6 +594,8 @@ def judge_completions(
     n_gpu_layers: int,
     n_threads: int | None,
     log: Log,
+    shards: Shards | None = None,
+    replicas: Replicas | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Stage 5 (optional): judge harmful completions with a guard GGUF: the English instruction with the
     response, back-translated to English first when ``translator`` is set (the paper's protocol).
@@ -483,6 +609,9 @@ def judge_completions(
         cache_dir: where ``judge_cache.jsonl`` and ``back_translations.jsonl`` are kept.
         max_new_tokens / n_seq_max / n_gpu_layers / n_threads: the study's settings.
         log: messages.
+        shards: the study model's replicas (``--ray``; the ``"self"`` translator runs there).
+        replicas: opens replicas of the guard and of another translator (``--ray``); without it, those models are
+            opened in this process. Either way this process alone writes the caches, in the same order.
 
     Returns:
         ``{lang: {condition: rates}}`` as stored under ``results["evaluation"][lang][condition]["judge"]``.
@@ -491,7 +620,6 @@ def judge_completions(
         PyrefusalError: no ``judge_model``.
     """
     from pyrefusal.method.refusal import SubstringDetector
-    from pyrefusal.runtime import Runtime
 
     if not judge_model:
         raise PyrefusalError(f"--judge {judge} needs --judge-model (a local GGUF of the guard model)")
@@ -508,22 +636,26 @@ def judge_completions(
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
             log=log,
+            shards=shards,
+            replicas=replicas,
         )
         if translator
         else None
     )
     responses = [b.english for b in translated] if translated else [c.response for c in harmful]
-    with Runtime.open(
-        judge_model,
-        name=None,  # the guard's own general.name, as recorded in judge names
-        n_ctx=4096,
-        n_seq_max=8,
-        n_gpu_layers=n_gpu_layers,
-        n_threads=n_threads,
-    ) as jr:
-        guard = GuardJudge(jr, judge, cache_path=cache_dir / "judge_cache.jsonl")
+    # the guard's own general.name (own_name), as recorded in judge names
+    model = ReplicaModel(judge_model, 4096, 8, n_gpu_layers, n_threads, own_name=True)
+    pool = replicas(model) if replicas is not None else None
+    jr = model.open() if pool is None else None
+    try:
+        guard = GuardJudge(jr, judge, cache_path=cache_dir / "judge_cache.jsonl", shards=pool)
         verdicts = guard.judge_pairs([english[c.prompt_id] for c in harmful], responses)
         log(f"judge {guard.name}: {guard.generated} new verdicts, the rest from the cache")
+    finally:
+        if jr is not None:
+            jr.close()
+        if pool is not None:
+            pool.close()
     paper_substring = SubstringDetector("paper")
     groups: dict[tuple[str, str], list[int]] = {}
     for i, c in enumerate(harmful):

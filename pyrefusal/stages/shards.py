@@ -9,16 +9,32 @@ batch shapes as the single process and returns the same numbers.
 
 The in-process executor is :class:`Serial` (the stages' behaviour without ``--ray``); the Ray executor is
 :class:`pyrefusal.cluster.pool.RayShards`. A stage given ``shards=None`` keeps its single-process code path.
+
+A stage that needs another model than the study's (the guard judge, a back-translation model) describes it as a
+:class:`ReplicaModel`: opened in this process without ``--ray``, or as replicas of its own (:data:`Replicas`, a
+:class:`ModelShards`) with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from pyrefusal.runtime import ModelRunner, decode_groups
+from pyrefusal.common import in_order
+from pyrefusal.runtime import ModelRunner, Runtime, decode_groups
 
-__all__ = ["Serial", "Shards", "Unit", "chunks", "decode_groups", "in_order"]
+__all__ = [
+    "ModelShards",
+    "ReplicaModel",
+    "Replicas",
+    "Serial",
+    "Shards",
+    "Unit",
+    "chunks",
+    "decode_groups",
+    "in_order",
+]
 
 T = TypeVar("T")
 
@@ -46,6 +62,58 @@ class Shards(Protocol):
         ...
 
 
+@runtime_checkable
+class ModelShards(Shards, Protocol):
+    """Replicas of one model that a stage opened for itself (:data:`Replicas`); it closes them when done.
+
+    Attributes:
+        name: the replicas' model name (:attr:`Runtime.name`), as a runtime of this process would report it.
+        sha256: the replicas' model file hash (every replica's was checked against it).
+    """
+
+    name: str
+    sha256: str | None
+
+    def close(self) -> None:
+        """Stop the replicas."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReplicaModel:
+    """How to open a model a stage needs besides the study's own (a guard judge, a translator).
+
+    Attributes:
+        model: registry name, GGUF path or hub spec (resolved and sha256-checked where it is opened).
+        n_ctx / n_seq_max / n_gpu_layers / n_threads: the runtime's settings (``n_threads`` None = all cores).
+        own_name: name the runtime by the GGUF's ``general.name`` (guard verdicts record it), not the registry's.
+    """
+
+    model: str
+    n_ctx: int
+    n_seq_max: int
+    n_gpu_layers: int
+    n_threads: int | None
+    own_name: bool = False
+
+    def open(self) -> Runtime:
+        """The model as a runtime of this process."""
+        kwargs: dict[str, Any] = {"name": None} if self.own_name else {}
+        return Runtime.open(
+            self.model,
+            n_ctx=self.n_ctx,
+            n_seq_max=self.n_seq_max,
+            n_gpu_layers=self.n_gpu_layers,
+            n_threads=self.n_threads,
+            **kwargs,
+        )
+
+
+Replicas = Callable[[ReplicaModel], ModelShards]
+"""Opens replicas of a :class:`ReplicaModel` on the study's cluster (``--ray``; the study's own replicas make room
+for them first)."""
+
+
 class Serial:
     """Units run one after the other on one runtime, in order (what a study does without ``--ray``)."""
 
@@ -57,22 +125,6 @@ class Serial:
     def map(self, fn: Callable[..., T], units: Sequence[Unit], *, label: str = "") -> Iterator[tuple[int, T]]:
         for i, unit in enumerate(units):
             yield i, fn(self.runtime, *unit)
-
-
-def in_order(results: Iterable[tuple[int, T]], on_next: Callable[[int, T], None]) -> None:
-    """Hand ``(index, value)`` pairs that arrive in any order to ``on_next`` in index order 0, 1, 2, ...
-
-    A value is held back until every lower index has been handed on, so a driver that appends to a file in
-    ``on_next`` writes the same file as a single process, and a driver killed meanwhile loses only units that
-    are recomputed on resume.
-    """
-    held: dict[int, T] = {}
-    nxt = 0
-    for i, value in results:
-        held[i] = value
-        while nxt in held:
-            on_next(nxt, held.pop(nxt))
-            nxt += 1
 
 
 def chunks(items: Sequence[T], size: int) -> list[list[T]]:

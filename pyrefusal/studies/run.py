@@ -45,7 +45,7 @@ from pyrefusal.stages.measure import Metrics, measure_capability, measure_fallba
 from pyrefusal.stages.results import assemble_results, evaluation_table
 from pyrefusal.stages.sample import sample_prompts
 from pyrefusal.stages.select import select_stage
-from pyrefusal.stages.shards import Shards
+from pyrefusal.stages.shards import ReplicaModel, Replicas, Shards
 
 if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
     from pyrefusal.cluster.pool import ClusterSpec
@@ -98,9 +98,10 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the results dict written to ``results.json``.
 
-    With ``cluster`` (``--ray``), extraction, selection and generation run on model replicas in a Ray cluster
-    (:mod:`pyrefusal.cluster`); the run directory gets the same files, written by this process only, and either
-    executor resumes it.
+    With ``cluster`` (``--ray``), extraction, selection, generation, metrics, back-translation and judging run on
+    model replicas in a Ray cluster (:mod:`pyrefusal.cluster`): the study model's, then, for judging, the guard's and
+    a translation model's (the study's replicas are stopped first, to free their CPUs or GPUs). The run directory
+    gets the same files, written by this process only, and either executor resumes it.
     """
 
     config.validate()
@@ -123,13 +124,19 @@ def run_pipeline(
         rt = Runtime.for_study(config, log=log)  # fails on an unknown graph before hours of extraction
         timings["load_model"] = time.perf_counter() - t
         shards = None
+        replicas: Replicas | None = None
         try:
             _check_model(paths, rt.sha256)
             if cluster is not None:
                 from pyrefusal.cluster.pool import RayShards  # imports Ray: only with --ray
 
-                shards = RayShards(config, cluster, sha256=rt.sha256, log=log)
-            return _run(rt, data, config, paths, timings, t_all, log, progress, source, shards)
+                study = shards = RayShards(config, cluster, sha256=rt.sha256, log=log)
+
+                def replicas(model: ReplicaModel) -> RayShards:
+                    study.close()  # the guard's or translator's replicas take the study replicas' CPUs or GPUs
+                    return RayShards(model, cluster, log=log)
+
+            return _run(rt, data, config, paths, timings, t_all, log, progress, source, shards, replicas)
         finally:
             if shards is not None:
                 shards.close()
@@ -147,6 +154,7 @@ def _run(
     progress: Progress | None,
     source: DataSource | None = None,
     shards: Shards | None = None,
+    replicas: Replicas | None = None,
 ) -> dict[str, Any]:
     """The stage sequence: sample -> extract -> select -> generate -> measure -> judge -> results.
 
@@ -294,6 +302,8 @@ def _run(
             n_gpu_layers=config.n_gpu_layers,
             n_threads=config.n_threads,
             log=log,
+            shards=shards,
+            replicas=replicas,
         )
         timings["judge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
