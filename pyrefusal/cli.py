@@ -356,10 +356,18 @@ def quant_sweep(ctx: click.Context, **kw: Any) -> None:
 @settings_options(OptimizeSettings)
 @click.option(
     "--pick",
-    type=int,
+    callback=lambda ctx, param, value: _pick_value(value),
     default=None,
-    help="Choose this trial: write pick.json (then used by `export lora`, `chat` and `serve`; their --paper ignores "
-    "it) and report it on the test split next to the paper's pick and the baseline.",
+    metavar="N|best",
+    help="Choose trial N: write pick.json (then used by `export lora`, `chat` and `serve`; their --paper ignores "
+    "it) and report it on the test split next to the paper's pick and the baseline. 'best': the trial with the "
+    "least pooled val refusal among those with val KL <= --pick-max-kl.",
+)
+@click.option(
+    "--pick-max-kl",
+    type=float,
+    default=None,
+    help="KL bound of --pick best (default: half the paper's pick's val KL, on the same val prompts).",
 )
 @click.option("--force", is_flag=True, help="Discard RUN_DIR/optimize and start the search over.")
 @ray_options
@@ -375,8 +383,25 @@ def optimize(ctx: click.Context, run_dir: Path, **kw: Any) -> None:
     cluster = _cluster(kw)
     config = settings_from_options(OptimizeSettings, kw, ctx)
     _study(
-        run_optimize, config, run_dir / "optimize", run_dir=run_dir, pick=kw["pick"], force=kw["force"], cluster=cluster
+        run_optimize,
+        config,
+        run_dir / "optimize",
+        run_dir=run_dir,
+        pick=kw["pick"],
+        pick_max_kl=kw["pick_max_kl"],
+        force=kw["force"],
+        cluster=cluster,
     )
+
+
+def _pick_value(value: str | None) -> int | str | None:
+    """``--pick``: a trial number or ``best``."""
+    if value is None or value == "best":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a trial number (see pareto.md) or 'best'") from None
 
 
 @main.group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -425,6 +426,45 @@ def test_optimize_needs_a_finished_run_and_a_real_trial(tiny_run, tmp_path):
     assert r.exit_code == 2 and "not a finished `pyrefusal run` directory" in r.output
     with pytest.raises(PyrefusalError, match="trial number"):
         run_optimize(_settings(), tmp_path / "o", run_dir=tiny_run, pick=-1, log=lambda s: None)
+
+
+def test_best_trial_rule():
+    from pyrefusal.studies.optimize import best_trial
+
+    values = {0: (0.30, 0.01), 1: (0.05, 0.40), 2: (0.10, 0.20), 3: (0.10, 0.15), 4: (0.12, 0.05)}
+    assert best_trial(values, 0.25) == 3  # 1 refuses least but is over the bound; 2 and 3 tie: the lower KL
+    assert best_trial(values, 1.0) == 1 and best_trial(values, 0.01) == 0
+    with pytest.raises(PyrefusalError, match=r"no trial has val KL <= 0\.0050 \(the least is trial 0's"):
+        best_trial(values, 0.005)
+    with pytest.raises(PyrefusalError, match="no complete trial"):
+        best_trial({}, 1.0)
+
+
+def test_pick_best_chooses_by_the_rule_and_records_it(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("optimize"))
+    args = ["optimize", str(run), "--trials", "3", "--n-val", "2", "--max-new-tokens", "3", "--n-confirm", "0",
+            "--kl-threshold", "1e9", "--no-test-harmless"]  # fmt: skip
+    r = CliRunner().invoke(main, [*args, "--pick", "best", "--pick-max-kl", "1e9"])
+    assert r.exit_code == 0, r.output
+    rows = [x for x in _rows(run / "optimize" / "trials.jsonl") if x["state"] == "COMPLETE"]
+    want = min(rows, key=lambda x: (x["refusal"], x["kl"], x["number"]))["number"]
+    pick = json.loads((run / "optimize" / "pick.json").read_text())
+    assert pick["trial"] == want and pick["chosen_by"]["rule"] == "best" and pick["chosen_by"]["max_kl"] == 1e9
+    assert f"--pick best: trial {want}" in r.output
+    # the default bound: half the paper's pick's val KL on the same prompts (reference.json)
+    paper_kl = json.loads((run / "optimize" / "reference.json").read_text())["paper"]["kl"]
+    within = [x for x in rows if x["kl"] <= paper_kl / 2]
+    r = CliRunner().invoke(main, [*args, "--pick", "best"])
+    if within:
+        assert r.exit_code == 0, r.output
+        assert json.loads((run / "optimize" / "pick.json").read_text())["chosen_by"]["max_kl"] == paper_kl / 2
+    else:
+        assert r.exit_code == 1 and "raise the bound (--pick-max-kl)" in r.output
+    bad = CliRunner().invoke(main, [*args, "--pick", "first"])
+    assert bad.exit_code == 2 and "give a trial number" in bad.output
+    with pytest.raises(PyrefusalError, match="goes with --pick best"):
+        run_optimize(_settings(), tmp_path / "o", run_dir=tiny_run, pick=1, pick_max_kl=0.1, log=lambda s: None)
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ from pyrefusal.steering.weighted import (
 if TYPE_CHECKING:  # the cluster layer (and Ray) load only with --ray
     from pyrefusal.cluster.pool import ClusterSpec
 
-__all__ = ["DEFAULT_TRIALS", "STUDY_NAME", "OptimizePaths", "load_pick", "run_optimize"]
+__all__ = ["DEFAULT_TRIALS", "STUDY_NAME", "OptimizePaths", "best_trial", "load_pick", "run_optimize"]
 
 #: Optuna's name of the study in ``study.db``.
 STUDY_NAME = "pyrefusal-optimize"
@@ -218,7 +218,8 @@ def run_optimize(
     out: Path,
     *,
     run_dir: Path | None = None,
-    pick: int | None = None,
+    pick: int | str | None = None,
+    pick_max_kl: float | None = None,
     force: bool = False,
     log: Log = print,
     progress: Progress | None = None,
@@ -230,7 +231,11 @@ def run_optimize(
         config: what to search (the run's model and data are used).
         out: the study directory.
         run_dir: the finished run.
-        pick: a complete trial number to choose: writes ``pick.json`` and evaluates it on the test split.
+        pick: a complete trial number to choose: writes ``pick.json`` and evaluates it on the test split; or
+            ``"best"``: the complete trial with the least pooled val refusal among those whose pooled val KL is at
+            most ``pick_max_kl`` (:func:`best_trial`).
+        pick_max_kl: the KL bound of ``pick="best"``; None: half the paper's pick's KL on the same val prompts
+            (the bound of issue 13's goal: no more refusal than the paper's pick at half its KL).
         force: discard the study in ``out`` and start over.
         log / progress: messages and ``progress(stage, done, total)``.
         cluster: score trials on model replicas in a Ray cluster (``--ray``), as many at a time as replicas.
@@ -252,8 +257,10 @@ def run_optimize(
     paths = OptimizePaths(Path(out))
     run_dir = Path(run_dir) if run_dir is not None else paths.root.parent
     config.validate()
-    if pick is not None and pick < 0:
-        raise PyrefusalError(f"--pick takes a trial number (>= 0), got {pick}")
+    if (isinstance(pick, str) and pick != "best") or (isinstance(pick, int) and pick < 0):
+        raise PyrefusalError(f"--pick takes a trial number (>= 0) or 'best', got {pick!r}")
+    if pick_max_kl is not None and (pick != "best" or pick_max_kl <= 0):
+        raise PyrefusalError("--pick-max-kl goes with --pick best and must be > 0")
     results, run, candidates, selection = _load_run(run_dir)
     resolved = resolve_model(results.model.path, progress=False)
     if results.model.sha256 and resolved.sha256 and resolved.sha256 != results.model.sha256:
@@ -282,7 +289,7 @@ def run_optimize(
             study, _ = _open_study(paths, config.seed, 10)
             n_stored = len(_complete_trials(study))
         target = config.trials if config.trials is not None else (n_stored or DEFAULT_TRIALS)
-        if pick is not None and pick >= max(target, n_stored) + 3 * target:
+        if isinstance(pick, int) and pick >= max(target, n_stored) + 3 * target:
             raise PyrefusalError(f"--pick {pick}: the study will not have that trial (it targets {target} trials)")
         settings = run.replace(
             model=str(resolved.path), n_threads=config.n_threads, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx
@@ -295,7 +302,20 @@ def run_optimize(
 
                 shards = RayShards(settings, cluster, sha256=rt.sha256, log=log)
             return _optimize(
-                rt, data, config, run, paths, run_dir, candidates, selection, target, pick, log, progress, shards
+                rt,
+                data,
+                config,
+                run,
+                paths,
+                run_dir,
+                candidates,
+                selection,
+                target,
+                pick,
+                log,
+                progress,
+                shards,
+                pick_max_kl=pick_max_kl,
             )
         finally:
             if shards is not None:
@@ -434,10 +454,12 @@ def _optimize(
     candidates: Candidates,
     selection: Selection,
     target: int,
-    pick: int | None,
+    pick: int | str | None,
     log: Log,
     progress: Progress | None,
     shards: Shards | None = None,
+    *,
+    pick_max_kl: float | None = None,
 ) -> dict[str, Any]:
     from optuna.trial import TrialState
 
@@ -619,6 +641,17 @@ def _optimize(
     pick_result: dict[str, Any] | None = None
     if pick is not None:
         complete = {x.number: x for x in _complete_trials(study)}
+        rule: dict[str, Any] = {"rule": "number"}
+        if pick == "best":
+            bound = pick_max_kl if pick_max_kl is not None else reference["paper"]["kl"] / 2
+            pick = best_trial({n: (x.values[0], x.values[1]) for n, x in complete.items()}, bound)
+            rule = {"rule": "best", "max_kl": bound, "paper_kl": reference["paper"]["kl"]}
+            why = "" if pick_max_kl is not None else " (half the paper's pick's)"
+            log(
+                f"--pick best: trial {pick}, the least pooled val refusal ({complete[pick].values[0]:.4f}) among "
+                f"trials with val KL <= {bound:.4f}{why}"
+            )
+        assert isinstance(pick, int)
         if pick not in complete:
             raise PyrefusalError(
                 f"--pick {pick} is no complete trial of this study (complete: {sorted(complete)[:20]}"
@@ -628,6 +661,7 @@ def _optimize(
         ablation = space.ablation(tr.params)
         record = {
             "trial": pick,
+            "chosen_by": rule,
             "params": dict(tr.params),
             "values": {"refusal": tr.values[0], "kl": tr.values[1]},
             "scores": tr.user_attrs.get("scores", {}),
@@ -673,6 +707,29 @@ def _optimize(
     }
     write_optimize_report(paths.root, summary, kl_threshold=config.kl_threshold)
     return summary
+
+
+def best_trial(values: dict[int, tuple[float, float]], max_kl: float) -> int:
+    """``--pick best``: the trial with the least pooled val refusal among those with pooled val KL <= ``max_kl``
+    (ties: the lower KL, then the lower number).
+
+    Args:
+        values: ``{trial number: (pooled refusal, pooled KL)}`` of the complete trials.
+        max_kl: the KL bound.
+
+    Raises:
+        PyrefusalError: no complete trial, or none within the bound (the message names the closest one).
+    """
+    if not values:
+        raise PyrefusalError("--pick best: the study has no complete trial yet; run some first (--trials N)")
+    within = [(r, kl, n) for n, (r, kl) in values.items() if kl <= max_kl]
+    if not within:
+        n, (r, kl) = min(values.items(), key=lambda item: item[1][1])
+        raise PyrefusalError(
+            f"--pick best: no trial has val KL <= {max_kl:.4f} (the least is trial {n}'s, {kl:.4f}, refusal {r:.4f}); "
+            "raise the bound (--pick-max-kl), run more trials (--trials N), or pick one by number"
+        )
+    return min(within)[2]
 
 
 def _stored_reference(paths: OptimizePaths, config: OptimizeSettings) -> dict[str, Any] | None:
