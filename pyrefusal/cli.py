@@ -489,20 +489,38 @@ def _check_output(output: Path | None, force: bool) -> None:
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--model", default=None, help="The run's model if it moved (checked by sha256).")
+@click.option("--paper", is_flag=True, help="Add the run's own direction even when `optimize --pick` chose a trial.")
 @click.option("--force", is_flag=True, help="Replace the file given with -o if it exists.")
 def export_cvec(
-    run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None, force: bool
+    run_dir: Path, layer: int | None, coeff: float, output: Path | None, model: str | None, paper: bool, force: bool
 ) -> None:
-    """Control-vector GGUF (llama.cpp --control-vector): ADDS coeff*r at one layer."""
+    """Control-vector GGUF (llama.cpp --control-vector): ADDS coeff*r at one layer.
+
+    When `pyrefusal optimize RUN_DIR --pick N` chose a trial, r is that trial's direction (its position, layer
+    interpolation and language mix) scaled to the norm of the run's direction, added at the layer nearest to its
+    layer index; the trial's per-layer ablation weights need `export lora` or `export merged` (a control vector
+    only adds). --paper: the run's own direction."""
     from pyrefusal.steering.export import cvec_layer, export_control_vector
+    from pyrefusal.steering.weighted import pick_control_vector, read_pick
 
     try:
         _check_output(output, force)
         resolved, r, results = _run_artifacts(run_dir, model)
-        block = results.direction.layer if layer is None else layer
+        block = results.direction.layer
+        chosen = None if paper else read_pick(run_dir)
+        extra: dict[str, Any] = {}
+        if chosen is not None:
+            ablation, record = chosen
+            r, block = pick_control_vector(ablation, record, r, block)
+            extra = {"optimize_trial": record["trial"], "direction": "optimize pick, scaled to the run's norm"}
+            click.echo(
+                f"adding optimize trial {record['trial']}'s direction (optimize/pick.json; --paper: the run's)",
+                err=True,
+            )
+        block = block if layer is None else layer
         il = cvec_layer(block)
         out = output or run_dir / f"refusal-cvec-L{block}-{coeff:+g}.gguf"
-        prov = {**_provenance(results, run_dir), "coefficient": coeff, "block_input": block}
+        prov = {**_provenance(results, run_dir), "coefficient": coeff, "block_input": block, **extra}
         export_control_vector(
             out,
             {il: coeff * r},

@@ -14,6 +14,7 @@ from pyrefusal.cli import main
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.method.kernel import Kernel, interpolate_layers, kernel_weights, mean_direction
 from pyrefusal.settings import OptimizeSettings
+from pyrefusal.steering.export import ExportError
 from pyrefusal.steering.weighted import WeightedAblation, WriterRows, export_weighted_lora, write_weighted_lora
 from pyrefusal.studies.optimize import run_optimize
 from pyrefusal.studies.run import RunConfig, run_pipeline
@@ -325,6 +326,38 @@ def _llama_logits(llama, tokens: list[int]) -> np.ndarray:
     llama.reset()
     llama.eval(tokens)
     return np.array(llama.scores[llama.n_tokens - 1], dtype=np.float32)
+
+
+def test_export_cvec_adds_the_picks_direction(tiny_run, tmp_path):
+    """`export cvec` of a run with a pick adds the pick's direction at the run direction's norm; --paper the run's."""
+    from pyrefusal.steering.export import load_control_vector
+    from pyrefusal.steering.weighted import pick_control_vector, read_pick
+
+    out = tiny_run / "optimize"
+    if not (out / "pick.json").exists():  # this test alone: make a study with a pick
+        run_optimize(_settings(trials=2), out, run_dir=tiny_run, pick=1, log=lambda s: None)
+    ablation, record = read_pick(tiny_run)
+    r = np.load(tiny_run / "direction.npy")  # (n_embd,), not unit
+    files = {}
+    for name, extra in (("pick", []), ("paper", ["--paper"])):
+        files[name] = tmp_path / f"{name}.gguf"
+        res = CliRunner().invoke(
+            main, ["export", "cvec", str(tiny_run), "--layer", "2", "--coeff", "-0.5", "-o", str(files[name]), *extra]
+        )
+        assert res.exit_code == 0, res.output
+    pick, paper = (load_control_vector(files[k]) for k in ("pick", "paper"))
+    assert sorted(pick) == sorted(paper) == [1]  # --layer 2: direction.1
+    np.testing.assert_allclose(paper[1], -0.5 * r, rtol=1e-6)
+    want = -0.5 * np.linalg.norm(r.astype(np.float64)) * ablation.direction
+    np.testing.assert_allclose(pick[1], want, rtol=1e-5, atol=1e-6)
+    assert abs(np.linalg.norm(pick[1]) - np.linalg.norm(paper[1])) < 1e-4 * np.linalg.norm(paper[1])
+    # without --layer: the whole layer nearest the pick's fractional index; a rank-k pick cannot be one vector
+    _, block = pick_control_vector(ablation, {"params": {"direction_index": 2.6}}, r, 1)
+    assert block == 3
+    assert pick_control_vector(ablation, {"params": {}}, r, 1)[1] == 1  # the layer was not searched: the run's
+    span = WeightedAblation(np.eye(2, r.size), ablation.attn, ablation.mlp)
+    with pytest.raises(ExportError, match="a control vector adds one"):
+        pick_control_vector(span, record, r, 1)
 
 
 def test_steered_model_chat_and_serve_use_the_pick(tiny_run, tmp_path, monkeypatch):

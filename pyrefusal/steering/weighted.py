@@ -57,6 +57,7 @@ __all__ = [
     "apply_weighted",
     "cached_weighted_lora",
     "export_weighted_lora",
+    "pick_control_vector",
     "read_pick",
     "release_weighted",
     "weighted_lora_tensors",
@@ -440,6 +441,40 @@ def read_pick(run_dir: str | os.PathLike[str]) -> tuple[WeightedAblation, dict[s
         raise ExportError(
             f"{path} is damaged ({e}); write it again with `pyrefusal optimize {run_dir} --pick N`"
         ) from None
+
+
+def pick_control_vector(
+    ablation: WeightedAblation, record: Mapping[str, Any], run_direction: np.ndarray, run_layer: int
+) -> tuple[np.ndarray, int]:
+    """What ``export cvec`` adds for an optimize pick: the pick's direction and the block input to add it at.
+
+    A control vector adds a fixed vector; the pick's per-writer weights are an ablation that no control vector can
+    express (``export lora`` / ``export merged`` carry them). What carries over is the searched direction (its
+    position, fractional layer and language mix), scaled to the norm of the run's difference-in-means direction, so
+    that ``--coeff`` means what it means for the run's own direction, added at the whole layer nearest to the pick's
+    layer index.
+
+    Args:
+        ablation: the pick (:func:`read_pick`).
+        record: its ``pick.json`` record (``params.direction_index`` when the layer was searched).
+        run_direction: the run's direction, float ``(n_embd,)`` (``direction.npy``: not unit).
+        run_layer: the run's selected layer (the pick's layer when the search kept it).
+
+    Returns:
+        ``(vector (n_embd,) float32, block input)``.
+
+    Raises:
+        ExportError: a rank-k pick (``--direction-span``): a control vector adds one direction.
+    """
+    if ablation.direction.ndim != 1:
+        raise ExportError(
+            f"this pick removes {ablation.direction.shape[0]} directions at once (--direction-span); a control vector "
+            "adds one. Export the pick with `export lora` or `export merged`, or the run's direction with --paper"
+        )
+    index = record.get("params", {}).get("direction_index")
+    block = run_layer if index is None else round(float(index))
+    scale = float(np.linalg.norm(np.asarray(run_direction, dtype=np.float64)))
+    return (ablation.direction * scale).astype(np.float32), block
 
 
 def cached_weighted_lora(
