@@ -513,7 +513,7 @@ class ReplicaTranslator:
             left[j] -= 1
             if not left[j]:
                 done = parts.pop(j)
-                yield j, [t for u in sorted(done) for t in done[u]]
+                yield j, [text for k in sorted(done) for text in done[k]]  # the job's units in order
         for j, (texts, _, _) in enumerate(jobs):  # a job without texts has no unit
             if not texts:
                 yield j, []
