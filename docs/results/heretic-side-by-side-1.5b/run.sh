@@ -70,3 +70,46 @@ python "$S/score.py" "$OUT/heretic.json" "$OUT/run-front" "$HERE/side_by_side.js
 python "$S/cpu_per_trial.py" "$HERE/cpu_per_trial.json" heretic="$OUT/monitor-heretic.jsonl" \
   pyrefusal_front="$OUT/monitor-pyrefusal-front.jsonl" pyrefusal_timing1="$OUT/monitor-pyrefusal-run-timing.jsonl" \
   pyrefusal_timing2="$OUT/monitor-pyrefusal-run-timing2.jsonl"
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Quiet machine, equal trial counts (2026-12-07, 12:06-12:2x UTC; README "Quiet machine, equal trial counts").
+#    Nothing else running (load1 0.01 before), no nice, 2 threads, one side after the other, 6 trials each.
+#    Reuses $S's scripts, the float32 checkpoint and prompts in /tmp/hs15 (read only) and heretic's venv.
+Q=/tmp/hs15q
+QD=$HERE/quiet
+mkdir -p "$Q/heretic-work" "$QD/pyrefusal"
+cp -r /tmp/optimize-qwen1.5b/run "$Q/run-quiet"; rm -rf "$Q/run-quiet/optimize"
+# 8a. pyrefusal (6 trials, every first-token-Pareto trial confirmed by generation), monitored.
+{ uptime; date -u +%T; } > "$Q/load-before-pyrefusal.txt"
+OMP_NUM_THREADS=2 pyrefusal optimize "$Q/run-quiet" --languages en --trials 6 --n-val 8 --threads 2 \
+  --n-confirm 6 --kl-threshold 100 --max-new-tokens 24 --seed 1 > "$Q/pyrefusal-quiet.log" 2>&1 &
+P=$!
+python "$S/monitor.py" "$P" "$Q/pyrefusal-quiet.log" 'trial \d+ \(\d+/\d+\)' "$Q/monitor-pyrefusal-quiet.jsonl" &
+wait
+{ uptime; date -u +%T; } > "$Q/load-after-pyrefusal.txt"
+# 8b. heretic, after pyrefusal finished: the same config but n_trials = 6 and a new study checkpoint dir (no resume).
+sed -e "s|^study_checkpoint_dir = .*|study_checkpoint_dir = \"$Q/heretic-work/checkpoints\"|" \
+  -e 's|^n_trials = 6 .*|n_trials = 6                  # equal to pyrefusal --trials 6 (quiet-machine run)|' \
+  "$OUT/heretic-work/config.toml" > "$Q/heretic-work/config.toml"
+{ uptime; date -u +%T; } > "$Q/load-before-heretic.txt"
+cd "$Q/heretic-work"
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 \
+  /tmp/heretic-venv/bin/python "$S/heretic_wrapper.py" "$Q/heretic.json" < /dev/null > "$Q/heretic.log" 2>&1 &
+HPID=$!
+cd - > /dev/null
+python "$S/monitor.py" "$HPID" "$Q/heretic.log" "Running trial \d+ of|answering 'Exit program'" \
+  "$Q/monitor-heretic.jsonl" &
+wait
+{ uptime; date -u +%T; } > "$Q/load-after-heretic.txt"
+# 8c. One detector on both sides' completions; CPU and wall seconds per trial from the monitors.
+python "$S/score.py" "$Q/heretic.json" "$Q/run-quiet" "$Q/side_by_side.json"
+python "$S/cpu_per_trial.py" "$Q/cpu_per_trial.json" heretic="$Q/monitor-heretic.jsonl" \
+  pyrefusal="$Q/monitor-pyrefusal-quiet.jsonl"
+# 8d. Small outputs into the repository.
+cp "$Q/side_by_side.json" "$Q/cpu_per_trial.json" "$Q/heretic.json" "$Q"/load-*.txt \
+  "$Q/monitor-heretic.jsonl" "$Q/monitor-pyrefusal-quiet.jsonl" "$QD/"
+grep -av "offline mode" "$Q/heretic.log" > "$QD/heretic.log"
+(cd "$Q/run-quiet/optimize" && cp trials.jsonl completions.jsonl report.md pareto.md pareto.png config.json \
+  reference.json "$QD/pyrefusal/")
+cp "$Q/heretic-work/config.toml" "$QD/heretic-config.toml"
+cp "$Q/pyrefusal-quiet.log" "$QD/pyrefusal/optimize-quiet.log"
