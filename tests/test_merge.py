@@ -17,7 +17,7 @@ import pytest
 from pyrefusal.errors import PyrefusalError
 from pyrefusal.runtime.runtime import Runtime
 from pyrefusal.steering import merge, requant
-from tests.tiny_model import TinySpec, orthogonalize, reference_logits
+from tests.tiny_model import TinySpec, finished_tiny_run, orthogonalize, reference_logits
 
 EDITED = ("token_embd.weight", "attn_output.weight", "ffn_down.weight")
 
@@ -407,26 +407,7 @@ def test_cli_merges_the_optimize_pick_unless_paper(
 
 def _tiny_run(model: Path, data_dir: Path, tmp_path: Path) -> Path:
     """A finished `pyrefusal run` directory on the tiny model (small: a few seconds)."""
-    from pyrefusal.settings import RunConfig
-    from pyrefusal.studies.run import run_pipeline
-
-    out = tmp_path / "run"
-    cfg = RunConfig(
-        model=str(model),
-        data_dir=str(data_dir),
-        target_langs=("en",),
-        n_train=6,
-        n_val=4,
-        n_test=2,
-        max_new_tokens=4,
-        kl_threshold=1e9,
-        n_ctx=2048,
-        n_seq_max=8,
-        refusal_openings=("I",),
-        capability=False,
-    )
-    run_pipeline(cfg, out, log=lambda s: None)
-    return out
+    return finished_tiny_run(model, data_dir, tmp_path / "run", target_langs=("en",), n_test=2)
 
 
 # --- the real model -------------------------------------------------------------------------

@@ -17,8 +17,7 @@ from pyrefusal.settings import OptimizeSettings
 from pyrefusal.steering.export import ExportError
 from pyrefusal.steering.weighted import WeightedAblation, WriterRows, export_weighted_lora, write_weighted_lora
 from pyrefusal.studies.optimize import run_optimize
-from pyrefusal.studies.run import RunConfig, run_pipeline
-from tests.tiny_model import write_tiny_gguf
+from tests.tiny_model import finished_tiny_run, write_tiny_gguf
 
 pytest.importorskip("optuna")
 
@@ -201,24 +200,8 @@ def test_early_stop_ends_refusals_and_keeps_every_verdict_of_full_generation(tin
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, polyrefuse_dir, tmp_path_factory):
-    path, _ = tiny_model
     out = tmp_path_factory.mktemp("optimize") / "run"
-    cfg = RunConfig(
-        model=str(path),
-        data_dir=str(polyrefuse_dir),
-        target_langs=("en", "de"),
-        n_train=6,
-        n_val=4,
-        n_test=3,
-        max_new_tokens=4,
-        kl_threshold=1e9,
-        n_ctx=2048,
-        n_seq_max=8,
-        refusal_openings=("I",),
-        capability=False,
-    )
-    run_pipeline(cfg, out, log=lambda s: None)
-    return out
+    return finished_tiny_run(tiny_model[0], polyrefuse_dir, out, target_langs=("en", "de"), n_test=3)
 
 
 def _settings(**kw) -> OptimizeSettings:

@@ -588,3 +588,27 @@ def write_tiny_gemma2_gguf(path: Path, spec: TinySpec | None = None, *, seed: in
 
     _write_f32_gguf(path, "gemma2", "pyrefusal-tiny-gemma2", spec, out, CHATML_TEMPLATE, gemma2_keys)
     return {k: v.copy() for k, v in out.items()}
+
+
+def finished_tiny_run(model: Path, data_dir: Path, out: Path, *, target_langs: tuple[str, ...], n_test: int) -> Path:
+    """A finished `pyrefusal run` directory ``out`` on the tiny model, at the small sizes the export and optimize
+    tests share (a few seconds); returns ``out``."""
+    from pyrefusal.settings import RunConfig
+    from pyrefusal.studies.run import run_pipeline
+
+    cfg = RunConfig(
+        model=str(model),
+        data_dir=str(data_dir),
+        target_langs=target_langs,
+        n_train=6,
+        n_val=4,
+        n_test=n_test,
+        max_new_tokens=4,
+        kl_threshold=1e9,
+        n_ctx=2048,
+        n_seq_max=8,
+        refusal_openings=("I",),
+        capability=False,
+    )
+    run_pipeline(cfg, out, log=lambda s: None)
+    return out

@@ -292,12 +292,7 @@ def weighted_lora_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[
     r = ablation.direction  # (n_embd,)
     tensors: list[tuple[str, np.ndarray]] = []
     if ablation.embeddings != 0.0:
-        if rows.embd_rows is None:
-            raise ExportError(
-                "the embeddings are to be edited but the adapter rows were built without them"
-                + (" (tied LM head: the LoRA cannot carry them)" if rows.support.tied_embeddings else "")
-            )
-        a = rows.embd_rows.astype(np.float64) @ c  # (n_vocab,) = E r̂
+        a = _embedding_rows(rows) @ c  # (n_vocab,) = E r̂
         tensors += [
             ("token_embd.weight.lora_a", a.reshape(-1, 1)),
             ("token_embd.weight.lora_b", (-ablation.embeddings * r).reshape(-1, 1)),
@@ -308,6 +303,20 @@ def weighted_lora_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[
     return [(n, np.ascontiguousarray(t, dtype=np.float32)) for n, t in tensors]
 
 
+def _embedding_rows(rows: WriterRows) -> np.ndarray:
+    """The rows' token-embedding block ``E Qᵀ`` as float64 ``(n_vocab, k)``, for an ablation that edits the embeddings.
+
+    Raises:
+        ExportError: ``rows`` were built without the embeddings.
+    """
+    if rows.embd_rows is None:
+        raise ExportError(
+            "the embeddings are to be edited but the adapter rows were built without them"
+            + (" (tied LM head: the LoRA cannot carry them)" if rows.support.tied_embeddings else "")
+        )
+    return rows.embd_rows.astype(np.float64)
+
+
 def _rank_k_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[tuple[str, np.ndarray]]:
     """:func:`weighted_lora_tensors` for ``R`` of shape ``(j, n_embd)``: ``lora_a = R W`` ``(j, n_in)``,
     ``lora_b = -w Rᵀ`` ``(n_embd, j)``; embeddings ``lora_a = E Rᵀ`` ``(n_vocab, j)``, ``lora_b = -e Rᵀ``."""
@@ -315,13 +324,8 @@ def _rank_k_tensors(rows: WriterRows, ablation: WeightedAblation) -> list[tuple[
     c = rows.coefficients(R)  # (k, j)
     tensors: list[tuple[str, np.ndarray]] = []
     if ablation.embeddings != 0.0:
-        if rows.embd_rows is None:
-            raise ExportError(
-                "the embeddings are to be edited but the adapter rows were built without them"
-                + (" (tied LM head: the LoRA cannot carry them)" if rows.support.tied_embeddings else "")
-            )
         tensors += [
-            ("token_embd.weight.lora_a", rows.embd_rows.astype(np.float64) @ c),  # (n_vocab, j) = E Rᵀ
+            ("token_embd.weight.lora_a", _embedding_rows(rows) @ c),  # (n_vocab, j) = E Rᵀ
             ("token_embd.weight.lora_b", -ablation.embeddings * R.T),  # (n_embd, j)
         ]
     for name, w in ablation.writer_weights().items():
@@ -466,9 +470,9 @@ def pick_control_vector(
     Raises:
         ExportError: a rank-k pick (``--direction-span``): a control vector adds one direction.
     """
-    if ablation.direction.ndim != 1:
+    if ablation.rank > 1:
         raise ExportError(
-            f"this pick removes {ablation.direction.shape[0]} directions at once (--direction-span); a control vector "
+            f"this pick removes {ablation.rank} directions at once (--direction-span); a control vector "
             "adds one. Export the pick with `export lora` or `export merged`, or the run's direction with --paper"
         )
     index = record.get("params", {}).get("direction_index")
