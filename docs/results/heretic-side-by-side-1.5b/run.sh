@@ -21,7 +21,7 @@ for d in run-front run-timing; do cp -r /tmp/optimize-qwen1.5b/run "$OUT/$d"; rm
 
 # 3. The same English prompts as heretic dataset files: direction prompts = the run's refusal-filtered train prompts
 #    (30 harmful, 31 harmless); evaluation prompts = the 8 + 8 en val prompts `optimize --n-val 8` scores.
-python "$HERE/export_prompts.py" "$OUT/run-front" 8 "$OUT/prompts"
+python "$S/export_prompts.py" "$OUT/run-front" 8 "$OUT/prompts"
 cp "$HERE/config.toml" "$OUT/heretic-work/config.toml"
 
 # 4. pyrefusal optimize, 6 trials, every Pareto trial confirmed by generation (for the shared detector); monitored.

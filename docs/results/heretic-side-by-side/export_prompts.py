@@ -32,13 +32,13 @@ def write(name: str, texts: list[str]) -> None:
     print(f"{name}: {len(flat)} prompts ({changed} had line breaks/odd whitespace collapsed)")
 
 
-def by_id(pid: str) -> str:
-    kind, split, lang, row = pid.split("/")  # "harmful/train/en/113"
-    return data.load(lang, split, kind)[int(row)].text
-
-
-write("bad_train", [by_id(i) for i in recorded["harmful_train"]])
-write("good_train", [by_id(i) for i in recorded["harmless_train"]])
 s = sample_train_val(data, "en", n_train=run.n_train, n_val=n_val, seed=run.seed)
+# The recorded train ids are resolved through the run's own (unfiltered) sample, not as rows of a split file: runs
+# that draw harmless prompts from the pool record ids such as "harmless/train/en/pool/4402".
+drawn = sample_train_val(data, "en", n_train=run.n_train, n_val=run.n_val, seed=run.seed)
+texts = {p.id: p.text for ps in drawn.values() for p in ps}
+
+write("bad_train", [texts[i] for i in recorded["harmful_train"]])
+write("good_train", [texts[i] for i in recorded["harmless_train"]])
 write("bad_eval", [p.text for p in s["harmful_val"]])
 write("good_eval", [p.text for p in s["harmless_val"]])

@@ -22,14 +22,8 @@ date -u
   > "$O/run-en/optimize100.log" 2> "$O/run-en/optimize100.err"
 date -u
 best() {  # trials.jsonl, reference.json, rule
-  python - "$@" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rows = [r for r in rows if r["state"] == "COMPLETE"]
-bound = 0.1 if sys.argv[3] == "kl10" else json.load(open(sys.argv[2]))["paper"]["kl"] / 2
-ok = [r for r in rows if r["kl"] <= bound]
-print(min(ok, key=lambda r: r["refusal"])["number"] if ok else min(rows, key=lambda r: r["kl"])["number"])
-PY
+  if [ "$3" = kl10 ]; then python "$HERE/study_tools.py" best "$1" --max-kl 0.1
+  else python "$HERE/study_tools.py" best "$1" --half "$2"; fi
 }
 for rule in kl10 half; do
   for d in run run-en; do
@@ -41,15 +35,8 @@ for rule in kl10 half; do
     cp "$O/$d/optimize/"{report.md,pareto.md,pareto.png,trials.jsonl,reference.json,pick.json,pick_test.json} "$HERE/$d-100-$rule/"
     grep -E "Elapsed|Maximum resident|Percent of CPU" "$O/$d/pick100-$rule.err" > "$HERE/$d-100-$rule/time-pick.txt" || true
     if [ "$d" = run ]; then  # the baseline and the paper's pick on the same test prompts: generated once, shared
-      python - "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-have = {(r["prompt_id"], r["condition"]) for r in map(json.loads, open(dst))}
-with open(dst, "a") as out:
-    for r in map(json.loads, open(src)):
-        if r["condition"] in ("baseline", "paper") and "/test/" in r["prompt_id"] and (r["prompt_id"], r["condition"]) not in have:
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-PY
+      python "$HERE/study_tools.py" copy "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" \
+        baseline paper
     fi
   done
   python "$HERE/summarize.py" "$HERE" run-100-$rule run-en-100-$rule compare-100-$rule.md > /dev/null

@@ -9,15 +9,7 @@ export TQDM_DISABLE=1
 pick_of() { python -c 'import json,sys; print(json.load(open(sys.argv[1]))["trial"])' "$1/optimize/pick.json"; }
 /usr/bin/time -v pyrefusal optimize "$O/run" --languages en,de,es,fr,ru,zh,ja,ar --seed 1 "${C[@]}" \
   --pick "$(pick_of "$O/run")" > "$O/run/pick12.log" 2> "$O/run/pick12.err"
-python - "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-have = {(r["prompt_id"], r["condition"]) for r in map(json.loads, open(dst))}
-with open(dst, "a") as out:
-    for r in map(json.loads, open(src)):
-        if r["condition"] in ("baseline", "paper") and "/test/" in r["prompt_id"] and (r["prompt_id"], r["condition"]) not in have:
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-PY
+python "$HERE/study_tools.py" copy "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" baseline paper
 /usr/bin/time -v pyrefusal optimize "$O/run-en" --languages en --seed 2 "${C[@]}" \
   --pick "$(pick_of "$O/run-en")" > "$O/run-en/pick12.log" 2> "$O/run-en/pick12.err"
 for d in run run-en; do

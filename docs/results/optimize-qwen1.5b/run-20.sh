@@ -16,25 +16,11 @@ export TQDM_DISABLE=1
   > "$O/run-en/optimize20.log" 2> "$O/run-en/optimize20.err" &
 wait
 best() {  # the trial with the least pooled refusal among KL <= 0.1 (else the least KL)
-  python - "$1" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rows = [r for r in rows if r["state"] == "COMPLETE"]
-ok = [r for r in rows if r["kl"] <= 0.1]
-print(min(ok, key=lambda r: r["refusal"])["number"] if ok else min(rows, key=lambda r: r["kl"])["number"])
-PY
+  python "$HERE/study_tools.py" best "$1" --max-kl 0.1
 }
 /usr/bin/time -v pyrefusal optimize "$O/run" --languages $LANGS --seed 1 "${C[@]}" --n-test 4 --no-test-harmless \
   --pick "$(best "$O/run/optimize/trials.jsonl")" > "$O/run/pick20.log" 2> "$O/run/pick20.err"
-python - "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-have = {(r["prompt_id"], r["condition"]) for r in map(json.loads, open(dst))}
-with open(dst, "a") as out:
-    for r in map(json.loads, open(src)):
-        if r["condition"] in ("baseline", "paper") and "/test/" in r["prompt_id"] and (r["prompt_id"], r["condition"]) not in have:
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-PY
+python "$HERE/study_tools.py" copy "$O/run/optimize/completions.jsonl" "$O/run-en/optimize/completions.jsonl" baseline paper
 /usr/bin/time -v pyrefusal optimize "$O/run-en" --languages en --seed 2 "${C[@]}" --n-test 4 --no-test-harmless \
   --pick "$(best "$O/run-en/optimize/trials.jsonl")" > "$O/run-en/pick20.log" 2> "$O/run-en/pick20.err"
 for d in run run-en; do

@@ -31,13 +31,7 @@ mkdir -p "$OUT"
   --target-langs $LANGS --n-test 12 --max-new-tokens 32 --no-capability --threads "$THREADS" --conditions baseline \
   > "$OUT/run.log" 2> "$OUT/run.err" || { tail -20 "$OUT/run.err"; exit 1; }
 best() {  # the trial with the least pooled refusal among KL <= 0.1 (else the least KL)
-  python - "$1" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rows = [r for r in rows if r["state"] == "COMPLETE"]
-ok = [r for r in rows if r["kl"] <= 0.1]
-print(min(ok, key=lambda r: r["refusal"])["number"] if ok else min(rows, key=lambda r: r["kl"])["number"])
-PY
+  python "$HERE/study_tools.py" best "$1" --max-kl 0.1
 }
 complete() {  # complete trials in a study's trials.jsonl
   python -c 'import json,sys; print(sum(json.loads(l)["state"] == "COMPLETE" for l in open(sys.argv[1]) if l.strip()))' \
@@ -66,16 +60,7 @@ if [ ! -d "$OUT/run-en" ]; then  # the English-only study's copy of the finished
   (cd "$OUT/run" && cp -r $(ls | grep -v '^optimize$' | grep -v '\.log$\|\.err$') "$OUT/run-en/")
 fi
 copy() {  # completions of a condition from one completions.jsonl to another (those not there yet)
-  mkdir -p "$(dirname "$2")"
-  python - "$1" "$2" "$3" <<'PY'
-import json, os, sys
-src, dst, cond = sys.argv[1:]
-have = {(r["prompt_id"], r["condition"]) for r in map(json.loads, open(dst))} if os.path.exists(dst) else set()
-with open(dst, "a") as out:
-    for r in map(json.loads, open(src)):
-        if r["condition"] == cond and "/test/" in r["prompt_id"] and (r["prompt_id"], cond) not in have:
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-PY
+  python "$HERE/study_tools.py" copy "$1" "$2" "$3"
 }
 copy "$OUT/run/completions.jsonl" "$OUT/run/optimize/completions.jsonl" baseline  # used when N_TEST = the run's 12
 copy "$OUT/run/completions.jsonl" "$OUT/run-en/optimize/completions.jsonl" baseline
